@@ -1,0 +1,33 @@
+# The two commands: `make run` (the main job) and `make test`.
+# Every target installs what it needs on first use into .venv/.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: install run test lint clean dev-stop
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[test]"
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/python -m channels_cli.demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+lint: $(STAMP)
+	$(BIN)/ruff check channels_core producer workers channels_cli tests
+	$(BIN)/mypy
+
+dev-stop: $(STAMP)
+	$(BIN)/channels dev stop
+
+clean:
+	rm -rf $(VENV) .channels build *.egg-info

@@ -1,0 +1,289 @@
+"""Sending, queue-backed: one transaction for messages and outbox, then enqueue.
+
+For each (message, channel) the author may submit to, an outbox entry is
+written in the same transaction as the message. Only after the commit are
+routing jobs handed to the dispatcher; if that fails the entries wait for
+the sweeper's relay. A channel the author may not submit to gets a failed
+``TransportResult`` naming the permission, and nothing is written for it.
+
+Every input is checked before the transaction opens, so a bad one changes
+nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import func, insert, select
+
+from channels_core import db
+from channels_core.dispatch import RouteJob, get_dispatcher
+from channels_core.errors import DispatchTimeout, NotFoundError, ValidationError
+from channels_core.models import (
+    ChannelRow,
+    DeliveryRow,
+    DeliveryStatus,
+    OutboxRow,
+    PrincipalRow,
+    SubscriptionRow,
+    utcnow,
+)
+from channels_core.permissions import SUBMIT, permissions_of
+from channels_core.primitives import Channel, Message
+from channels_core.settings import get_settings
+from channels_core.transports.base import TransportResult
+
+__all__ = ["Dispatch", "send_messages", "channel_results"]
+
+log = logging.getLogger("channels.sending")
+
+
+@dataclass
+class _Entry:
+    channel_id: int
+    outbox_id: int | None  # None: refused, nothing enqueued
+    result: TransportResult
+
+
+class Dispatch:
+    """What ``Message.send`` returns: per-channel results, now and final.
+
+    Iterating a Dispatch yields the per-channel ``TransportResult`` objects
+    (pending counts right after the send), as the seed's ``results`` list.
+    """
+
+    def __init__(self, message_id: int, entries: list[_Entry]) -> None:
+        self.message_id = message_id
+        self._entries = entries
+
+    @property
+    def results(self) -> list[TransportResult]:
+        return [e.result for e in self._entries]
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self.results)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __getitem__(self, index: int) -> TransportResult:
+        return self.results[index]
+
+    def __await__(self):  # type: ignore[no-untyped-def]
+        """``await dispatch`` is ``await dispatch.wait()``."""
+        return self.wait().__await__()
+
+    @property
+    def accepted(self) -> bool:
+        return any(e.outbox_id is not None for e in self._entries)
+
+    async def refresh(self) -> list[TransportResult]:
+        accepted = [e for e in self._entries if e.outbox_id is not None]
+        if accepted:
+            fresh = await channel_results(self.message_id, [e.channel_id for e in accepted])
+            for e in accepted:
+                e.result = fresh[e.channel_id]
+        return self.results
+
+    async def wait(self, timeout: float = 30.0) -> list[TransportResult]:
+        """Poll until every delivery of every accepted channel is final."""
+        deadline = time.monotonic() + timeout
+        delay = 0.02
+        while True:
+            results = await self.refresh()
+            if all(r.final for r in results):
+                return results
+            if time.monotonic() >= deadline:
+                raise DispatchTimeout(
+                    f"message {self.message_id}: {sum(r.pending_count for r in results)} "
+                    f"deliveries still pending after {timeout:g}s"
+                )
+            await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 1.5, 0.5)
+
+
+async def channel_results(message_id: int, channel_ids: Sequence[int]) -> dict[int, TransportResult]:
+    """Per-channel results of a message from the delivery rows.
+
+    A channel whose outbox entry is not routed yet counts its current
+    subscribers as pending.
+    """
+    async with db.session() as s:
+        counts = await s.execute(
+            select(DeliveryRow.channel_id, DeliveryRow.status, func.count())
+            .where(DeliveryRow.message_id == message_id, DeliveryRow.channel_id.in_(channel_ids))
+            .group_by(DeliveryRow.channel_id, DeliveryRow.status)
+        )
+        by_channel: dict[int, dict[str, int]] = {}
+        for channel_id, status, n in counts:
+            by_channel.setdefault(channel_id, {})[status] = n
+        outbox = dict(
+            (
+                await s.execute(
+                    select(OutboxRow.channel_id, OutboxRow.routed_at).where(
+                        OutboxRow.message_id == message_id, OutboxRow.channel_id.in_(channel_ids)
+                    )
+                )
+            ).all()
+        )
+        unrouted = [c for c in channel_ids if outbox.get(c) is None]
+        waiting: dict[int, int] = {}
+        if unrouted:
+            waiting = dict(
+                (
+                    await s.execute(
+                        select(SubscriptionRow.channel_id, func.count())
+                        .where(SubscriptionRow.channel_id.in_(unrouted))
+                        .group_by(SubscriptionRow.channel_id)
+                    )
+                ).all()
+            )
+            # A channel with no subscribers still needs its routing job to run.
+            waiting = {c: max(1, waiting.get(c, 0)) for c in unrouted}
+        errors: dict[int, list[str]] = {}
+        failed_rows = await s.execute(
+            select(DeliveryRow.channel_id, DeliveryRow.subscriber_id, DeliveryRow.last_error)
+            .where(
+                DeliveryRow.message_id == message_id,
+                DeliveryRow.channel_id.in_(channel_ids),
+                DeliveryRow.status == DeliveryStatus.DEAD,
+            )
+            .limit(100)
+        )
+        for channel_id, subscriber_id, error in failed_rows:
+            errors.setdefault(channel_id, []).append(f"subscriber {subscriber_id}: {error}")
+    results = {}
+    for channel_id in channel_ids:
+        c = by_channel.get(channel_id, {})
+        delivered = c.get(DeliveryStatus.DELIVERED, 0)
+        dead = c.get(DeliveryStatus.DEAD, 0)
+        pending = c.get(DeliveryStatus.PENDING, 0) + c.get(DeliveryStatus.RETRYING, 0)
+        pending += waiting.get(channel_id, 0)
+        results[channel_id] = TransportResult(
+            success=dead == 0,
+            delivered_count=delivered,
+            failed_count=dead,
+            pending_count=pending,
+            errors=errors.get(channel_id, []),
+            channel_id=channel_id,
+            message_id=message_id,
+        )
+    return results
+
+
+async def send_messages(messages: Sequence[Message], channels: Sequence[Channel]) -> list[Dispatch]:
+    """Persist messages with their outbox entries in one transaction, then enqueue.
+
+    Returns one ``Dispatch`` per message, in order.
+    """
+    if not messages:
+        return []
+    if not channels:
+        raise ValidationError("send() needs at least one channel")
+    channel_ids: list[int] = []
+    for channel in channels:
+        if channel.id is None:
+            raise ValidationError("a channel must be saved before sending to it")
+        if channel.id not in channel_ids:
+            channel_ids.append(channel.id)
+    for m in messages:
+        if m.author_id is None:
+            raise ValidationError("a message needs an author_id before it is sent")
+        m._validate()
+
+    plans: list[tuple[Message, list[_Entry]]] = []
+    jobs: list[RouteJob] = []
+    async with db.session() as s, s.begin():
+        found = set(await s.scalars(select(ChannelRow.id).where(ChannelRow.id.in_(channel_ids))))
+        for channel_id in channel_ids:
+            if channel_id not in found:
+                raise NotFoundError("channel", channel_id)
+        permitted: dict[int, bool] = {}
+        for author_id in {m.author_id for m in messages if m.author_id is not None}:
+            if await s.get(PrincipalRow, author_id) is None:
+                raise NotFoundError("principal", author_id)
+            permitted[author_id] = SUBMIT in await permissions_of(s, author_id)
+        for m in messages:
+            await m._write(s)
+        now = utcnow()
+        relay_at = now.timestamp() + get_settings().outbox_relay_after
+        rows = []
+        for m in messages:
+            assert m.id is not None and m.author_id is not None
+            if permitted[m.author_id]:
+                rows.extend(
+                    {
+                        "message_id": m.id,
+                        "channel_id": c,
+                        "created_at": now,
+                        "relay_at": _from_ts(relay_at),
+                    }
+                    for c in channel_ids
+                )
+        outbox_ids: dict[tuple[int, int], int] = {}
+        if rows:
+            inserted = await s.execute(
+                insert(OutboxRow).returning(OutboxRow.id, OutboxRow.message_id, OutboxRow.channel_id),
+                rows,
+            )
+            for outbox_id, message_id, channel_id in inserted:
+                outbox_ids[(message_id, channel_id)] = outbox_id
+        subscriber_counts = dict(
+            (
+                await s.execute(
+                    select(SubscriptionRow.channel_id, func.count())
+                    .where(SubscriptionRow.channel_id.in_(channel_ids))
+                    .group_by(SubscriptionRow.channel_id)
+                )
+            ).all()
+        )
+        for m in messages:
+            assert m.id is not None
+            entries = []
+            for c in channel_ids:
+                outbox_id = outbox_ids.get((m.id, c))
+                if outbox_id is None:
+                    result = TransportResult(
+                        success=False,
+                        errors=[
+                            f"principal {m.author_id} lacks permission {SUBMIT!r} on channel {c}"
+                        ],
+                        channel_id=c,
+                        message_id=m.id,
+                    )
+                else:
+                    jobs.append(RouteJob(outbox_id, m.id, c))
+                    result = TransportResult(
+                        success=True,
+                        pending_count=max(1, subscriber_counts.get(c, 0)),
+                        channel_id=c,
+                        message_id=m.id,
+                    )
+                entries.append(_Entry(c, outbox_id, result))
+            plans.append((m, entries))
+    if jobs:
+        try:
+            await get_dispatcher().enqueue_routes(jobs)
+        except Exception as exc:
+            # Committed is accepted: the sweeper relays these entries later.
+            log.warning(
+                "enqueue failed for %d routing jobs; the outbox relay will retry: %s",
+                len(jobs),
+                exc,
+            )
+    return [Dispatch(_id(m), entries) for m, entries in plans]
+
+
+def _id(m: Message) -> int:
+    assert m.id is not None
+    return m.id
+
+
+def _from_ts(ts: float):  # type: ignore[no-untyped-def]
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(ts, UTC)

@@ -1,0 +1,110 @@
+"""Settings, read from ``CHANNELS_*`` environment variables.
+
+An unset database or broker URL means "the embedded default": a local
+PostgreSQL and a local Valkey started from PyPI wheels under ``./.channels/``
+(see ``channels_core.embedded``). Settings are read once per process and can
+be replaced in tests with ``configure(...)``.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings", "get_settings", "configure", "DEFAULT_RETRY_SCHEDULE"]
+
+DEFAULT_RETRY_SCHEDULE = (0, 5, 300, 1800, 7200, 18000, 36000, 36000)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CHANNELS_", extra="ignore")
+
+    database_url: str | None = None
+    broker_url: str | None = None
+    queue_url: str | None = None
+    home: Path = Field(default=Path(".channels"), description="where embedded servers keep data")
+
+    smtp_host: str = "localhost"
+    smtp_port: int = 25
+    smtp_username: str | None = None
+    smtp_password: str | None = None
+    smtp_starttls: bool = False
+    smtp_from: str = "channels@localhost"
+    smtp_timeout: float = 30.0
+
+    egress_allow_cidrs: str = ""
+    retry_schedule: str = ",".join(str(s) for s in DEFAULT_RETRY_SCHEDULE)
+    retry_jitter: float = 0.1
+    max_content_bytes: int = 262144
+    content_types: str = (
+        "text/plain,text/markdown,text/html,application/json,application/xml,"
+        "application/octet-stream,image/png,image/jpeg"
+    )
+
+    batch_size: int = 200
+    route_page_size: int = 1000
+    max_in_flight: int = 64
+    http_connect_timeout: float = 5.0
+    http_read_timeout: float = 15.0
+    http_deadline: float = 30.0
+    http_max_response_bytes: int = 65536
+    http_pool_size: int = 256
+    outbox_relay_after: float = 30.0
+    sweep_interval: float = 5.0
+    visibility_timeout: int = 3600
+    thread_depth_limit: int = 1000
+
+    flower_basic_auth: str | None = None
+    # Loaded by name so the domain never imports the producer (see dispatch.py).
+    dispatcher: str = "producer.broker:BrokerDispatcher"
+
+    @field_validator("retry_schedule")
+    @classmethod
+    def _schedule_is_numbers(cls, value: str) -> str:
+        try:
+            steps = [float(part) for part in value.split(",") if part.strip()]
+        except ValueError as exc:
+            raise ValueError(f"retry_schedule must be comma-separated seconds: {value!r}") from exc
+        if not steps or any(step < 0 for step in steps):
+            raise ValueError(f"retry_schedule needs at least one non-negative step: {value!r}")
+        return value
+
+    @property
+    def retry_steps(self) -> tuple[float, ...]:
+        return tuple(float(part) for part in self.retry_schedule.split(",") if part.strip())
+
+    @property
+    def allowed_content_types(self) -> frozenset[str]:
+        return frozenset(t.strip() for t in self.content_types.split(",") if t.strip())
+
+
+@lru_cache(maxsize=1)
+def _load() -> Settings:
+    return Settings()
+
+
+_override: Settings | None = None
+
+
+def get_settings() -> Settings:
+    """The settings in force: an override from ``configure`` or the environment."""
+    return _override if _override is not None else _load()
+
+
+def configure(settings: Settings | None = None, **values: object) -> Settings:
+    """Replace the settings for this process (tests, embedding applications).
+
+    ``configure(database_url=...)`` layers values over the environment;
+    ``configure(None)`` with no values returns to the environment.
+    """
+    global _override
+    if settings is None and not values:
+        _override = None
+        _load.cache_clear()
+        return get_settings()
+    base = settings or Settings()
+    _override = base.model_copy(update=values) if values else base
+    return _override
