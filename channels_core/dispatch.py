@@ -20,7 +20,7 @@ from typing import Protocol, runtime_checkable
 from channels_core.errors import ConfigurationError
 from channels_core.settings import get_settings
 
-__all__ = ["RouteJob", "Dispatcher", "MemoryDispatcher", "get_dispatcher", "set_dispatcher"]
+__all__ = ["RouteJob", "Batch", "Dispatcher", "MemoryDispatcher", "get_dispatcher", "set_dispatcher"]
 
 
 @dataclass(frozen=True)
@@ -32,20 +32,36 @@ class RouteJob:
     channel_id: int
 
 
+@dataclass(frozen=True)
+class Batch:
+    """Deliveries of one message on one channel, delivered by one task."""
+
+    message_id: int
+    channel_id: int
+    delivery_ids: tuple[int, ...]
+
+
 @runtime_checkable
 class Dispatcher(Protocol):
     async def enqueue_routes(self, jobs: Sequence[RouteJob]) -> None:
         """Enqueue routing for these jobs; raise if they could not be enqueued."""
 
+    async def enqueue_batches(self, batches: Sequence[Batch], countdown: float = 0.0) -> None:
+        """Enqueue delivery of these batches, ``countdown`` seconds from now."""
+
 
 class MemoryDispatcher:
-    """Records routing jobs instead of enqueuing them: for tests without a broker."""
+    """Records jobs instead of enqueuing them: for tests without a broker."""
 
     def __init__(self) -> None:
         self.jobs: list[RouteJob] = []
+        self.batches: list[tuple[Batch, float]] = []
 
     async def enqueue_routes(self, jobs: Sequence[RouteJob]) -> None:
         self.jobs.extend(jobs)
+
+    async def enqueue_batches(self, batches: Sequence[Batch], countdown: float = 0.0) -> None:
+        self.batches.extend((b, countdown) for b in batches)
 
 
 _dispatcher: Dispatcher | None = None

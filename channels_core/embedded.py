@@ -120,6 +120,23 @@ def _server(state: dict[str, dict[str, object]], name: str) -> EmbeddedServer | 
     return server if server.running else None
 
 
+def _reusable_port(state: dict[str, dict[str, object]], name: str) -> int:
+    """The port a stopped server had, if still free: clients that knew the
+    old URL (a worker riding out a restart) reconnect without new settings."""
+    raw = state.get(name) or {}
+    port = raw.get("port")
+    if isinstance(port, int):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            # As the servers themselves bind: a port in TIME_WAIT is free.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((_HOST, port))
+                return port
+            except OSError:
+                pass
+    return _free_port()
+
+
 # -- PostgreSQL --------------------------------------------------------------
 
 
@@ -176,9 +193,11 @@ def ensure_postgres() -> EmbeddedServer:
             data.mkdir(parents=True, exist_ok=True)
             entry = pwd.getpwnam(user)
             os.chown(data, entry.pw_uid, entry.pw_gid)
+            # PostgreSQL insists on 0700 for its own directory; only the
+            # parents need to let it through.
             data.chmod(0o700)
-            _let_user_traverse(data)
-            _let_user_traverse(_pg_bin("postgres"))
+            _let_user_traverse(data.parent)
+            _let_user_traverse(_pg_bin("postgres").parent)
         if not (data / "PG_VERSION").exists():
             _run_pg(
                 [
@@ -191,7 +210,7 @@ def ensure_postgres() -> EmbeddedServer:
                 ],
                 user,
             )
-        port = _free_port()
+        port = _reusable_port(state, "postgres")
         log = data / "server.log"
         # fsync off: this is a development server, and it makes the suite
         # fast. A crash of PostgreSQL itself still loses nothing; only an
@@ -226,9 +245,12 @@ def ensure_postgres() -> EmbeddedServer:
 
 
 def _run_pg(args: list[str], user: str | None) -> None:
+    # Drop root's groups too: a directory's group bits would otherwise apply
+    # to the server user as a member of root's group.
+    groups: dict[str, object] = {"user": user, "group": user, "extra_groups": []} if user else {}
     result = subprocess.run(
         args,
-        user=user,
+        **groups,  # type: ignore[arg-type]
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -275,7 +297,7 @@ def ensure_valkey() -> EmbeddedServer:
             return running
         data = _home() / "valkey"
         data.mkdir(parents=True, exist_ok=True)
-        port = _free_port()
+        port = _reusable_port(state, "valkey")
         pidfile = data / "valkey.pid"
         pidfile.unlink(missing_ok=True)
         subprocess.run(
@@ -332,12 +354,16 @@ def status() -> list[EmbeddedServer]:
     return [EmbeddedServer(**raw) for raw in state.values()]
 
 
-def stop(timeout: float = 30.0) -> list[EmbeddedServer]:
-    """Stop every embedded server of this home by its PID; return those stopped."""
+def stop(timeout: float = 30.0, names: tuple[str, ...] = ("postgres", "valkey")) -> list[EmbeddedServer]:
+    """Stop the embedded servers of this home by their PIDs; return those stopped.
+
+    Their entries stay in the state file (not running), so a restart reuses
+    the same port when it can.
+    """
     stopped: list[EmbeddedServer] = []
     with _locked() as state:
-        for name in list(state):
-            server = EmbeddedServer(**state.pop(name))  # type: ignore[arg-type]
+        for name in [n for n in state if n in names]:
+            server = EmbeddedServer(**state[name])  # type: ignore[arg-type]
             if not server.running:
                 continue
             # SIGINT is PostgreSQL's "fast shutdown"; SIGTERM is Valkey's clean stop.

@@ -241,6 +241,9 @@ class DeliveryRow(Base):
     transport: Mapped[str] = mapped_column(String(64))
     status: Mapped[str] = mapped_column(String(16), default=DeliveryStatus.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Attempts made before the last manual retry or replay: the retry
+    # schedule counts from here, so a replayed dead letter gets a full one.
+    retry_base: Mapped[int] = mapped_column(Integer, default=0)
     # When the next attempt is due. Long delays live here, not in a Celery
     # countdown: the sweeper enqueues what is due.
     next_attempt_at: Mapped[datetime | None] = mapped_column()

@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 
 from sqlalchemy import func, insert, select
 
@@ -27,6 +28,7 @@ from channels_core.models import (
     ChannelRow,
     DeliveryRow,
     DeliveryStatus,
+    MessageRow,
     OutboxRow,
     PrincipalRow,
     SubscriptionRow,
@@ -59,6 +61,27 @@ class Dispatch:
     def __init__(self, message_id: int, entries: list[_Entry]) -> None:
         self.message_id = message_id
         self._entries = entries
+
+    @classmethod
+    async def track(cls, message_id: int) -> Dispatch:
+        """A Dispatch for a message sent earlier, over every channel it was accepted on."""
+        async with db.session() as s:
+            if await s.get(MessageRow, message_id) is None:
+                raise NotFoundError("message", message_id)
+            rows = (
+                await s.execute(
+                    select(OutboxRow.channel_id, OutboxRow.id)
+                    .where(OutboxRow.message_id == message_id)
+                    .order_by(OutboxRow.id)
+                )
+            ).all()
+        entries = [
+            _Entry(c, o, TransportResult(success=True, pending_count=1, channel_id=c, message_id=message_id))
+            for c, o in rows
+        ]
+        dispatch = cls(message_id, entries)
+        await dispatch.refresh()
+        return dispatch
 
     @property
     def results(self) -> list[TransportResult]:
@@ -210,7 +233,7 @@ async def send_messages(messages: Sequence[Message], channels: Sequence[Channel]
         for m in messages:
             await m._write(s)
         now = utcnow()
-        relay_at = now.timestamp() + get_settings().outbox_relay_after
+        relay_at = now + timedelta(seconds=get_settings().outbox_relay_after)
         rows = []
         for m in messages:
             assert m.id is not None and m.author_id is not None
@@ -220,7 +243,7 @@ async def send_messages(messages: Sequence[Message], channels: Sequence[Channel]
                         "message_id": m.id,
                         "channel_id": c,
                         "created_at": now,
-                        "relay_at": _from_ts(relay_at),
+                        "relay_at": relay_at,
                     }
                     for c in channel_ids
                 )
@@ -281,9 +304,3 @@ async def send_messages(messages: Sequence[Message], channels: Sequence[Channel]
 def _id(m: Message) -> int:
     assert m.id is not None
     return m.id
-
-
-def _from_ts(ts: float):  # type: ignore[no-untyped-def]
-    from datetime import UTC, datetime
-
-    return datetime.fromtimestamp(ts, UTC)

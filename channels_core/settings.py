@@ -53,6 +53,15 @@ class Settings(BaseSettings):
     http_max_response_bytes: int = 65536
     http_pool_size: int = 256
     outbox_relay_after: float = 30.0
+    # A task enqueued but not started within this is presumed lost (a broker
+    # restart) and the sweeper enqueues another.
+    queue_lease: float = 120.0
+    # How long a running batch owns its deliveries; longer than any batch runs.
+    claim_lease: float = 300.0
+    # Retries due sooner than this ride a Celery countdown; later ones wait in
+    # the database for the sweeper. Must stay below the visibility timeout.
+    countdown_max: float = 30.0
+    sweep_limit: int = 5000
     sweep_interval: float = 5.0
     visibility_timeout: int = 3600
     thread_depth_limit: int = 1000
@@ -106,5 +115,6 @@ def configure(settings: Settings | None = None, **values: object) -> Settings:
         _load.cache_clear()
         return get_settings()
     base = settings or Settings()
-    _override = base.model_copy(update=values) if values else base
+    # Validate the layered values as the environment's would be (types, rules).
+    _override = Settings.model_validate({**base.model_dump(), **values}) if values else base
     return _override

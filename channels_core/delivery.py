@@ -1,0 +1,498 @@
+"""The delivery engine: routing, batch delivery and the sweeper.
+
+These are the bodies of the worker's tasks, kept here so they know nothing
+of Celery: they read and write the database, call transports, and hand
+follow-up work to the dispatcher in force. Every step is safe to run twice:
+
+- ``route`` does nothing for an outbox entry already routed, and creates
+  delivery rows with ON CONFLICT DO NOTHING;
+- ``deliver`` claims its deliveries first (only non-final, due ones whose
+  claim is free or already its own), so a redelivered task skips what is
+  final and never runs beside another copy of itself;
+- ``sweep`` enqueues only what is due and not already queued or claimed.
+
+A task lost with the broker costs a delay (``queue_lease``), never a delivery.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from channels_core import db
+from channels_core.dispatch import Batch, RouteJob, get_dispatcher
+from channels_core.errors import ConfigurationError, NotFoundError
+from channels_core.models import (
+    AttemptRow,
+    AttemptStatus,
+    ChannelRow,
+    DeliveryRow,
+    DeliveryStatus,
+    MessageRow,
+    OutboxRow,
+    PrincipalRow,
+    SubscriptionRow,
+    utcnow,
+)
+from channels_core.primitives import Channel, Message, Principal
+from channels_core.registries import MessageRegistry
+from channels_core.retry import next_delay
+from channels_core.settings import get_settings
+from channels_core.transports.base import TransportResult
+from channels_core.transports.registry import egress_registry
+
+__all__ = ["route", "deliver", "sweep", "RouteStats", "BatchStats", "SweepStats"]
+
+log = logging.getLogger("channels.delivery")
+
+_NOT_FINAL = (DeliveryStatus.PENDING, DeliveryStatus.RETRYING)
+
+
+@dataclass
+class RouteStats:
+    outbox_id: int
+    transport: str | None = None
+    deliveries: int = 0
+    batches: int = 0
+    skipped: bool = False
+
+
+@dataclass
+class BatchStats:
+    claimed: int = 0
+    delivered: int = 0
+    retrying: int = 0
+    dead: int = 0
+    skipped: int = 0
+    outcomes: list[TransportResult] = field(default_factory=list)
+
+
+@dataclass
+class SweepStats:
+    relayed: int = 0
+    enqueued: int = 0
+
+
+def _insert(session: AsyncSession, table: Any) -> Any:
+    dialect = session.bind.dialect.name
+    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
+
+
+def _chunks(items: Sequence[int], size: int) -> list[tuple[int, ...]]:
+    return [tuple(items[i : i + size]) for i in range(0, len(items), max(1, size))]
+
+
+# -- routing -----------------------------------------------------------------
+
+
+async def route(job: RouteJob) -> RouteStats:
+    """Create the deliveries of one outbox entry and enqueue them in batches."""
+    settings = get_settings()
+    stats = RouteStats(job.outbox_id)
+    dispatcher = get_dispatcher()
+    async with db.session() as s:
+        outbox = await s.get(OutboxRow, job.outbox_id)
+        if outbox is None or outbox.routed_at is not None:
+            stats.skipped = True
+            return stats
+        channel_row = await s.get(ChannelRow, outbox.channel_id)
+    if channel_row is None:  # deleted since the send: nothing to route to
+        await _mark_routed(job.outbox_id, None, "channel no longer exists")
+        stats.skipped = True
+        return stats
+    channel = Channel._from_row(channel_row)
+    try:
+        transport = channel.get_egress_repository().resolve_name()
+        error = None
+    except ConfigurationError as exc:
+        transport, error = "none", str(exc)
+    stats.transport = transport
+
+    last = 0
+    while True:
+        async with db.session() as s, s.begin():
+            page = list(
+                (
+                    await s.execute(
+                        select(SubscriptionRow.id, SubscriptionRow.subscriber_id)
+                        .where(SubscriptionRow.channel_id == outbox.channel_id, SubscriptionRow.id > last)
+                        .order_by(SubscriptionRow.id)
+                        .limit(settings.route_page_size)
+                    )
+                ).all()
+            )
+            if not page:
+                break
+            last = page[-1][0]
+            subscriber_ids = [sid for _, sid in page]
+            now = utcnow()
+            rows = [
+                {
+                    "message_id": outbox.message_id,
+                    "channel_id": outbox.channel_id,
+                    "subscriber_id": sid,
+                    "transport": transport,
+                    "status": DeliveryStatus.DEAD if error else DeliveryStatus.PENDING,
+                    "attempts": 0,
+                    "retry_base": 0,
+                    "next_attempt_at": None if error else now,
+                    "queued_until": None if error else now + timedelta(seconds=settings.queue_lease),
+                    "last_error": error,
+                    "created_at": now,
+                    "updated_at": now,
+                }
+                for sid in subscriber_ids
+            ]
+            await s.execute(_insert(s, DeliveryRow).on_conflict_do_nothing(), rows)
+            ids = list(
+                await s.scalars(
+                    select(DeliveryRow.id)
+                    .where(
+                        DeliveryRow.message_id == outbox.message_id,
+                        DeliveryRow.channel_id == outbox.channel_id,
+                        DeliveryRow.subscriber_id.in_(subscriber_ids),
+                        DeliveryRow.status.in_(_NOT_FINAL),
+                    )
+                    .order_by(DeliveryRow.id)
+                )
+            )
+        stats.deliveries += len(page)
+        batches = [
+            Batch(outbox.message_id, outbox.channel_id, chunk)
+            for chunk in _chunks(ids, settings.batch_size)
+        ]
+        if batches:
+            # Committed above: if this enqueue fails the sweeper finds the
+            # rows once queue_lease passes.
+            await dispatcher.enqueue_batches(batches)
+            stats.batches += len(batches)
+    await _mark_routed(job.outbox_id, transport, error)
+    return stats
+
+
+async def _mark_routed(outbox_id: int, transport: str | None, error: str | None) -> None:
+    async with db.session() as s, s.begin():
+        await s.execute(
+            update(OutboxRow)
+            .where(OutboxRow.id == outbox_id, OutboxRow.routed_at.is_(None))
+            .values(routed_at=utcnow(), transport=transport, error=error)
+        )
+
+
+# -- delivering a batch --------------------------------------------------------
+
+
+async def _claim(batch: Batch, claimant: str) -> list[tuple[int, int, int, int]]:
+    settings = get_settings()
+    now = utcnow()
+    async with db.session() as s, s.begin():
+        claimed = await s.execute(
+            update(DeliveryRow)
+            .where(
+                DeliveryRow.id.in_(batch.delivery_ids),
+                DeliveryRow.status.in_(_NOT_FINAL),
+                or_(
+                    DeliveryRow.next_attempt_at.is_(None),
+                    DeliveryRow.next_attempt_at <= now + timedelta(seconds=1),
+                ),
+                or_(
+                    DeliveryRow.claimed_until.is_(None),
+                    DeliveryRow.claimed_until < now,
+                    DeliveryRow.claimed_by == claimant,
+                ),
+            )
+            .values(
+                claimed_by=claimant,
+                claimed_until=now + timedelta(seconds=settings.claim_lease),
+                queued_until=now + timedelta(seconds=settings.claim_lease),
+            )
+            .returning(
+                DeliveryRow.id, DeliveryRow.subscriber_id, DeliveryRow.attempts, DeliveryRow.retry_base
+            )
+            .execution_options(synchronize_session=False)
+        )
+        return [tuple(row) for row in claimed.all()]  # type: ignore[misc]
+
+
+async def _load(batch: Batch, subscriber_ids: list[int]) -> tuple[Message, Channel, dict[int, Principal]]:
+    async with db.session() as s:
+        message_row = await s.get(MessageRow, batch.message_id)
+        channel_row = await s.get(ChannelRow, batch.channel_id)
+        if message_row is None:
+            raise NotFoundError("message", batch.message_id)
+        if channel_row is None:
+            raise NotFoundError("channel", batch.channel_id)
+        principals = {
+            row.id: Principal._from_row(row)
+            for row in await s.scalars(select(PrincipalRow).where(PrincipalRow.id.in_(subscriber_ids)))
+        }
+    message = await Message.get(batch.message_id) if message_row.reply_to_id else Message._from_row(message_row)
+    assert message is not None
+    return message, Channel._from_row(channel_row), principals
+
+
+async def _ensure_generated_aliases(transport: Any, principals: dict[int, Principal]) -> None:
+    """Fill aliases a transport generates on first use (the webhook secret).
+
+    Under a row lock, so two batches racing for one new subscriber agree on
+    one secret instead of each signing with its own.
+    """
+    generated: dict[str, Any] = getattr(transport, "generated_aliases", {})
+    if not generated:
+        return
+    missing = [p.id for p in principals.values() if p.id and any(k not in p.aliases for k in generated)]
+    if not missing:
+        return
+    async with db.session() as s, s.begin():
+        rows = await s.scalars(
+            select(PrincipalRow).where(PrincipalRow.id.in_(missing)).with_for_update()
+        )
+        for row in rows:
+            aliases = dict(row.aliases or {})
+            for key, make in generated.items():
+                aliases.setdefault(key, make())
+            row.aliases = aliases
+            principals[row.id].aliases = dict(aliases)
+
+
+async def _attach_thread(message: Message, batch: Batch, principals: dict[int, Principal]) -> None:
+    """Give each subscriber the ids of its deliveries of the thread's earlier messages."""
+    if message.reply_to_id is None:
+        return
+    thread = await MessageRegistry().get_thread(message.reply_to_id)
+    order = {m.id: i for i, m in enumerate(thread)}
+    async with db.session() as s:
+        rows = await s.execute(
+            select(DeliveryRow.subscriber_id, DeliveryRow.message_id, DeliveryRow.id).where(
+                DeliveryRow.message_id.in_(list(order)),
+                DeliveryRow.subscriber_id.in_(list(principals)),
+                DeliveryRow.channel_id == batch.channel_id,
+            )
+        )
+        found: dict[int, list[tuple[int, int]]] = {}
+        for subscriber_id, message_id, delivery_id in rows:
+            found.setdefault(subscriber_id, []).append((order[message_id], delivery_id))
+    for subscriber_id, principal in principals.items():
+        principal.thread_delivery_ids = [d for _, d in sorted(found.get(subscriber_id, []))]  # type: ignore[attr-defined]
+
+
+async def deliver(batch: Batch, claimant: str) -> BatchStats:
+    """Attempt every claimable delivery of ``batch`` once; record and schedule."""
+    settings = get_settings()
+    stats = BatchStats()
+    claimed = await _claim(batch, claimant)
+    stats.claimed = len(claimed)
+    stats.skipped = len(batch.delivery_ids) - len(claimed)
+    if not claimed:
+        return stats
+    async with db.session() as s:
+        transport_name = await s.scalar(
+            select(DeliveryRow.transport).where(DeliveryRow.id == claimed[0][0])
+        )
+    started_at = utcnow()
+    started = time.perf_counter()
+    recipients: list[Principal] = []
+    results: dict[int, TransportResult] = {}
+    try:
+        message, channel, principals = await _load(batch, [sid for _, sid, _, _ in claimed])
+        transport = egress_registry.get(transport_name or "")
+        await _ensure_generated_aliases(transport, principals)
+        await _attach_thread(message, batch, principals)
+        for delivery_id, subscriber_id, attempts, _ in claimed:
+            principal = principals.get(subscriber_id)
+            if principal is None:
+                results[delivery_id] = TransportResult.failed(
+                    subscriber_id, f"principal {subscriber_id} no longer exists", permanent=True
+                )
+                continue
+            principal.delivery_id = delivery_id
+            principal.attempt = attempts + 1
+            recipients.append(principal)
+        if recipients:
+            sent = await transport.send(message, channel, recipients)  # type: ignore[attr-defined]
+            by_subscriber = {r.subscriber_id: r for r in sent}
+            for principal in recipients:
+                assert principal.delivery_id is not None
+                results[principal.delivery_id] = by_subscriber.get(principal.id) or TransportResult.failed(
+                    principal.id, f"transport {transport_name!r} returned no result for this subscriber"
+                )
+    except (NotFoundError, ValueError, ImportError) as exc:
+        for delivery_id, subscriber_id, _, _ in claimed:
+            results.setdefault(
+                delivery_id, TransportResult.failed(subscriber_id, str(exc), permanent=True)
+            )
+    except Exception as exc:  # a transport bug must not lose the batch: retry it
+        log.exception("transport %s failed on batch of message %s", transport_name, batch.message_id)
+        for delivery_id, subscriber_id, _, _ in claimed:
+            results.setdefault(
+                delivery_id, TransportResult.failed(subscriber_id, f"{type(exc).__name__}: {exc}")
+            )
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    finished_at = utcnow()
+    soon: dict[float, list[int]] = {}
+    attempt_rows: list[dict[str, Any]] = []
+    updates: list[dict[str, Any]] = []
+    for delivery_id, subscriber_id, attempts, retry_base in claimed:
+        result = results[delivery_id]
+        result.delivery_id = delivery_id
+        result.transport = transport_name
+        number = attempts + 1
+        error = "; ".join(result.errors) or None
+        change: dict[str, Any] = {
+            "id": delivery_id,
+            "attempts": number,
+            "last_status_code": result.status_code,
+            "last_error": error,
+            "claimed_by": None,
+            "claimed_until": None,
+            "updated_at": finished_at,
+        }
+        if result.success:
+            status = AttemptStatus.DELIVERED
+            change.update(status=DeliveryStatus.DELIVERED, delivered_at=finished_at,
+                          next_attempt_at=None, queued_until=None)
+            stats.delivered += 1
+        else:
+            delay = None if result.permanent else next_delay(number - retry_base, result.retry_after)
+            status = AttemptStatus.PERMANENT if result.permanent else AttemptStatus.TRANSIENT
+            if delay is None:
+                if not result.permanent:
+                    change["last_error"] = f"gave up after {number} attempts: {error}"
+                change.update(status=DeliveryStatus.DEAD, next_attempt_at=None, queued_until=None)
+                stats.dead += 1
+            else:
+                due = finished_at + timedelta(seconds=delay)
+                queued = delay <= settings.countdown_max
+                change.update(
+                    status=DeliveryStatus.RETRYING,
+                    next_attempt_at=due,
+                    queued_until=due + timedelta(seconds=settings.queue_lease) if queued else None,
+                )
+                if queued:
+                    soon.setdefault(round(delay, 1), []).append(delivery_id)
+                stats.retrying += 1
+        updates.append(change)
+        attempt_rows.append(
+            {
+                "delivery_id": delivery_id,
+                "attempt": number,
+                "transport": transport_name or "none",
+                "status": status,
+                "status_code": result.status_code,
+                "error": error,
+                "latency_ms": result.latency_ms if result.latency_ms is not None else elapsed_ms,
+                "started_at": started_at,
+                "finished_at": finished_at,
+            }
+        )
+        stats.outcomes.append(result)
+    async with db.session() as s, s.begin():
+        await s.execute(_insert(s, AttemptRow).on_conflict_do_nothing(), attempt_rows)
+        await s.execute(update(DeliveryRow), updates)
+    dispatcher = get_dispatcher()
+    for delay, ids in soon.items():
+        for chunk in _chunks(ids, settings.batch_size):
+            await dispatcher.enqueue_batches([Batch(batch.message_id, batch.channel_id, chunk)], delay)
+    return stats
+
+
+# -- the sweeper ---------------------------------------------------------------
+
+
+async def sweep() -> SweepStats:
+    """Relay outbox entries not routed in time; enqueue deliveries that are due."""
+    settings = get_settings()
+    stats = SweepStats()
+    dispatcher = get_dispatcher()
+    now = utcnow()
+    async with db.session() as s, s.begin():
+        stale = list(
+            (
+                await s.execute(
+                    select(OutboxRow.id, OutboxRow.message_id, OutboxRow.channel_id)
+                    .where(OutboxRow.routed_at.is_(None), OutboxRow.relay_at <= now)
+                    .order_by(OutboxRow.relay_at)
+                    .limit(settings.sweep_limit)
+                    .with_for_update(skip_locked=True)
+                )
+            ).all()
+        )
+        if stale:
+            await s.execute(
+                update(OutboxRow)
+                .where(OutboxRow.id.in_([r[0] for r in stale]))
+                .values(
+                    relay_at=now + timedelta(seconds=settings.outbox_relay_after),
+                    relays=OutboxRow.relays + 1,
+                )
+            )
+    if stale:
+        await dispatcher.enqueue_routes([RouteJob(*row) for row in stale])
+        stats.relayed = len(stale)
+
+    async with db.session() as s, s.begin():
+        due = list(
+            (
+                await s.execute(
+                    select(DeliveryRow.id, DeliveryRow.message_id, DeliveryRow.channel_id)
+                    .where(
+                        DeliveryRow.status.in_(_NOT_FINAL),
+                        DeliveryRow.next_attempt_at <= now,
+                        or_(DeliveryRow.queued_until.is_(None), DeliveryRow.queued_until < now),
+                        or_(DeliveryRow.claimed_until.is_(None), DeliveryRow.claimed_until < now),
+                    )
+                    .order_by(DeliveryRow.next_attempt_at)
+                    .limit(settings.sweep_limit)
+                    .with_for_update(skip_locked=True)
+                )
+            ).all()
+        )
+        if due:
+            await s.execute(
+                update(DeliveryRow)
+                .where(DeliveryRow.id.in_([r[0] for r in due]))
+                .values(queued_until=now + timedelta(seconds=settings.queue_lease))
+                .execution_options(synchronize_session=False)
+            )
+    if due:
+        groups: dict[tuple[int, int], list[int]] = {}
+        for delivery_id, message_id, channel_id in due:
+            groups.setdefault((message_id, channel_id), []).append(delivery_id)
+        batches = [
+            Batch(m, c, chunk)
+            for (m, c), ids in groups.items()
+            for chunk in _chunks(ids, settings.batch_size)
+        ]
+        try:
+            await dispatcher.enqueue_batches(batches)
+        except Exception:
+            # Let the next sweep try again rather than wait out the lease.
+            async with db.session() as s, s.begin():
+                await s.execute(
+                    update(DeliveryRow)
+                    .where(DeliveryRow.id.in_([r[0] for r in due]))
+                    .values(queued_until=None)
+                    .execution_options(synchronize_session=False)
+                )
+            raise
+        stats.enqueued = len(due)
+    return stats
+
+
+async def counts_by_status(message_id: int) -> dict[str, int]:
+    async with db.session() as s:
+        rows = await s.execute(
+            select(DeliveryRow.status, func.count())
+            .where(DeliveryRow.message_id == message_id)
+            .group_by(DeliveryRow.status)
+        )
+        return {status: n for status, n in rows}
+

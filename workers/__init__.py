@@ -1,0 +1,12 @@
+"""The Celery side: the app, its tasks, the sweeper.
+
+``celery -A workers worker`` finds ``app`` here; importing the package
+registers the tasks.
+"""
+
+from __future__ import annotations
+
+from workers.app import app
+from workers import tasks  # noqa: F401  (registers the tasks on the app)
+
+__all__ = ["app"]

@@ -1,0 +1,52 @@
+"""One event loop per worker process, made after the fork.
+
+Tasks are synchronous to Celery; their bodies are coroutines run on this
+loop, so the HTTP session, SMTP settings and the database pool live across
+tasks in the same process instead of being rebuilt per task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from channels_core import db
+from channels_core.transports.registry import egress_registry
+
+__all__ = ["run", "shutdown"]
+
+T = TypeVar("T")
+
+_loop: asyncio.AbstractEventLoop | None = None
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    global _loop
+    if _loop is None or _loop.is_closed():
+        _loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(_loop)
+    return _loop.run_until_complete(coro)
+
+
+def reset_after_fork() -> None:
+    """A forked child must not reuse its parent's loop or connections."""
+    global _loop
+    _loop = None
+
+
+async def _close() -> None:
+    for name in list(egress_registry._instances):
+        transport = egress_registry._instances[name]
+        aclose = getattr(transport, "aclose", None)
+        if aclose is not None:
+            await aclose()
+    await db.dispose()
+
+
+def shutdown() -> None:
+    global _loop
+    if _loop is not None and not _loop.is_closed():
+        _loop.run_until_complete(_close())
+        _loop.close()
+    _loop = None
