@@ -56,7 +56,11 @@ async def _setup(http: WebhookReceiver, stamp: str) -> tuple[Principal, list[Cha
         await webhooks.subscribe(sub.id)  # type: ignore[arg-type]
         _ = i
     for name in ("bob", "carol"):
-        person = Principal("user").set_username(f"{name}-{stamp}").set_alias("email", f"{name}@example.com")
+        person = (
+            Principal("user")
+            .set_username(f"{name}-{stamp}")
+            .set_alias("email", f"{name}@example.com")
+        )
         await person.save()
         await mail.subscribe(person.id)  # type: ignore[arg-type]
     for name in QUEUES:
@@ -75,7 +79,9 @@ async def _send(alice: Principal, channels: list[Channel]) -> list[int]:
     started = time.perf_counter()
     first_dispatch = await first.send(Manifest(channels))
     for result, channel in zip(first_dispatch, channels, strict=True):
-        console.print(f"  sent message {first.id} to {channel.title}: {result.pending_count} pending")
+        console.print(
+            f"  sent message {first.id} to {channel.title}: {result.pending_count} pending"
+        )
     await first_dispatch.wait(timeout=60)
     # The reply goes out once the first is delivered, so the mail can thread.
     reply_dispatch = await reply.send(Manifest(channels))
@@ -92,7 +98,17 @@ async def _send(alice: Principal, channels: list[Channel]) -> list[int]:
 
 async def _report(message_ids: list[int], names: dict[int, str]) -> int:
     table = Table(title="Deliveries and attempts")
-    for column in ("delivery", "message", "channel", "transport", "subscriber", "status", "attempts", "code", "latency ms"):
+    for column in (
+        "delivery",
+        "message",
+        "channel",
+        "transport",
+        "subscriber",
+        "status",
+        "attempts",
+        "code",
+        "latency ms",
+    ):
         table.add_column(column)
     failures = 0
     for message_id in message_ids:
@@ -114,7 +130,9 @@ async def _report(message_ids: list[int], names: dict[int, str]) -> int:
     return failures
 
 
-def _receivers_report(http: WebhookReceiver, smtp: SmtpReceiver, queues: QueueConsumer, stamp: str) -> int:
+def _receivers_report(
+    http: WebhookReceiver, smtp: SmtpReceiver, queues: QueueConsumer, stamp: str
+) -> int:
     problems = 0
     verified = 0
     for received in http.received:
@@ -127,11 +145,16 @@ def _receivers_report(http: WebhookReceiver, smtp: SmtpReceiver, queues: QueueCo
         except Exception as exc:  # the demo reports, the tests assert
             problems += 1
             console.print(f"[red]signature did not verify for {received.path}: {exc}[/red]")
-    console.print(f"HTTP receiver: {http.count()} POSTs, {verified} signatures verified (standardwebhooks)")
+    console.print(
+        f"HTTP receiver: {http.count()} POSTs, {verified} signatures verified (standardwebhooks)"
+    )
     for mail in smtp.mails:
         m = mail.message
         threading = f", In-Reply-To {m['In-Reply-To']}" if m["In-Reply-To"] else ""
-        console.print(f"SMTP receiver: to {', '.join(mail.rcpt_tos)} — {m['Subject']!r}, Message-ID {m['Message-ID']}{threading}")
+        console.print(
+            f"SMTP receiver: to {', '.join(mail.rcpt_tos)} — {m['Subject']!r}, "
+            f"Message-ID {m['Message-ID']}{threading}"
+        )
     for name in QUEUES:
         ids = [e["id"] for e in queues.for_queue(name)]
         console.print(f"Queue {name}: {len(ids)} envelopes {ids}")
@@ -144,7 +167,9 @@ def main() -> int:
     # blocks it otherwise.
     allow = settings.egress_allow_cidrs or "127.0.0.0/8"
     before = {s.name for s in embedded.status() if s.running}
-    console.print("[bold]channels: make run[/bold] — embedded PostgreSQL and Valkey under", str(settings.home))
+    console.print(
+        "[bold]channels: make run[/bold] — embedded PostgreSQL and Valkey under", str(settings.home)
+    )
     database_url, broker_url = embedded.database_url(), embedded.broker_url()
     console.print(f"  database {database_url}\n  broker   {broker_url}")
     migrate.upgrade()
@@ -182,7 +207,9 @@ def main() -> int:
         queues.stop()
         smtp.stop()
         http.stop()
-        started_here = tuple(s.name for s in embedded.status() if s.running and s.name not in before)
+        started_here = tuple(
+            s.name for s in embedded.status() if s.running and s.name not in before
+        )
         if started_here:
             embedded.stop(names=started_here)
             console.print(f"Stopped what this run started: {', '.join(started_here)}")
@@ -198,7 +225,11 @@ async def _run(http: WebhookReceiver, smtp: SmtpReceiver, queues: QueueConsumer)
         failures = await _report(message_ids, {c.id: c.title for c in channels if c.id})
         problems = _receivers_report(http, smtp, queues, stamp)
         ok = failures == 0 and problems == 0
-        console.print("[green]All deliveries final and delivered.[/green]" if ok else "[red]Some deliveries failed.[/red]")
+        console.print(
+            "[green]All deliveries final and delivered.[/green]"
+            if ok
+            else "[red]Some deliveries failed.[/red]"
+        )
         return 0 if ok else 1
     finally:
         await db.dispose()

@@ -183,7 +183,9 @@ class SmtpReceiver:
         with self._lock:
             return len(self.mails)
 
-    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, options: Any) -> str:  # noqa: N802
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, options: Any
+    ) -> str:  # noqa: N802
         with self._lock:
             replies = self._script.rcpt.get(address.lower())
             if replies:
@@ -194,7 +196,12 @@ class SmtpReceiver:
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
         with self._lock:
             self.mails.append(
-                Mail(envelope.mail_from, list(envelope.rcpt_tos), bytes(envelope.content), time.time())
+                Mail(
+                    envelope.mail_from,
+                    list(envelope.rcpt_tos),
+                    bytes(envelope.content),
+                    time.time(),
+                )
             )
         return "250 Message accepted"
 

@@ -7,6 +7,7 @@ by PID, process group and all.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -62,17 +63,19 @@ class Process:
             if needle in self.log():
                 return
             if not self.alive():
-                raise RuntimeError(f"{self.name} exited ({self.popen.returncode}):\n{self.log()[-3000:]}")
+                raise RuntimeError(
+                    f"{self.name} exited ({self.popen.returncode}):\n{self.log()[-3000:]}"
+                )
             time.sleep(0.1)
-        raise TimeoutError(f"{self.name} did not print {needle!r} in {timeout:g}s:\n{self.log()[-3000:]}")
+        raise TimeoutError(
+            f"{self.name} did not print {needle!r} in {timeout:g}s:\n{self.log()[-3000:]}"
+        )
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Signal the whole process group (a worker and its pool children)."""
         if self.alive():
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.popen.pid, sig)
-            except ProcessLookupError:
-                pass
 
     def stop(self, timeout: float = 20.0) -> int | None:
         """SIGTERM (Celery's warm shutdown), then SIGKILL after ``timeout``."""
@@ -85,10 +88,8 @@ class Process:
                 self.popen.wait(10)
         else:
             # Reap pool children left behind if the main process was killed alone.
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.popen.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
         self._log.close()
         return self.popen.returncode
 
@@ -103,12 +104,20 @@ def start_worker(
     wait: bool = True,
 ) -> Process:
     args = [
-        *celery_command(), "-A", "workers", "worker",
-        "--loglevel", "INFO",
-        "--concurrency", str(concurrency),
-        "--hostname", f"{name}-{os.getpid()}-{time.monotonic_ns()}@%h",
-        "-Q", ",".join(queues),
-        "--without-gossip", "--without-mingle",
+        *celery_command(),
+        "-A",
+        "workers",
+        "worker",
+        "--loglevel",
+        "INFO",
+        "--concurrency",
+        str(concurrency),
+        "--hostname",
+        f"{name}-{os.getpid()}-{time.monotonic_ns()}@%h",
+        "-Q",
+        ",".join(queues),
+        "--without-gossip",
+        "--without-mingle",
     ]
     process = Process(name, args, env, log_path)
     if wait:
@@ -116,12 +125,20 @@ def start_worker(
     return process
 
 
-def start_beat(env: Mapping[str, str], log_path: Path, schedule: Path, *, wait: bool = True) -> Process:
+def start_beat(
+    env: Mapping[str, str], log_path: Path, schedule: Path, *, wait: bool = True
+) -> Process:
     args = [
-        *celery_command(), "-A", "workers", "beat",
-        "--loglevel", "INFO",
-        "--schedule", str(schedule),
-        "--pidfile", "",
+        *celery_command(),
+        "-A",
+        "workers",
+        "beat",
+        "--loglevel",
+        "INFO",
+        "--schedule",
+        str(schedule),
+        "--pidfile",
+        "",
     ]
     process = Process("beat", args, env, log_path)
     if wait:

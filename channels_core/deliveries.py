@@ -7,6 +7,7 @@ waiting) deliveries back in line with a fresh retry schedule.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -100,8 +101,14 @@ async def _with_attempts(rows: list[DeliveryRow]) -> list[DeliveryView]:
             for a in attempts:
                 views[a.delivery_id].attempt_log.append(
                     AttemptView(
-                        a.attempt, a.status, a.status_code, a.error, a.latency_ms,
-                        a.started_at, a.finished_at, a.transport,
+                        a.attempt,
+                        a.status,
+                        a.status_code,
+                        a.error,
+                        a.latency_ms,
+                        a.started_at,
+                        a.finished_at,
+                        a.transport,
                     )
                 )
     return list(views.values())
@@ -188,11 +195,10 @@ async def _requeue(where: list[Any]) -> list[DeliveryView]:
         for (m, c), ids in groups.items()
         for i in range(0, len(ids), settings.batch_size)
     ]
-    try:
+    # Requeued in the database either way: if the broker is down, the
+    # sweeper delivers them once the lease passes.
+    with contextlib.suppress(Exception):
         await get_dispatcher().enqueue_batches(batches)
-    except Exception:
-        # Requeued in the database: the sweeper delivers them once the lease passes.
-        pass
     views = [_view(r) for r in rows]
     for v in views:
         v.status = DeliveryStatus.RETRYING

@@ -20,7 +20,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import func, or_, select, update
@@ -82,7 +82,7 @@ class SweepStats:
 
 
 def _insert(session: AsyncSession, table: Any) -> Any:
-    dialect = session.bind.dialect.name
+    dialect = session.get_bind().dialect.name
     return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
 
 
@@ -123,7 +123,10 @@ async def route(job: RouteJob) -> RouteStats:
                 (
                     await s.execute(
                         select(SubscriptionRow.id, SubscriptionRow.subscriber_id)
-                        .where(SubscriptionRow.channel_id == outbox.channel_id, SubscriptionRow.id > last)
+                        .where(
+                            SubscriptionRow.channel_id == outbox.channel_id,
+                            SubscriptionRow.id > last,
+                        )
                         .order_by(SubscriptionRow.id)
                         .limit(settings.route_page_size)
                     )
@@ -144,7 +147,9 @@ async def route(job: RouteJob) -> RouteStats:
                     "attempts": 0,
                     "retry_base": 0,
                     "next_attempt_at": None if error else now,
-                    "queued_until": None if error else now + timedelta(seconds=settings.queue_lease),
+                    "queued_until": None
+                    if error
+                    else now + timedelta(seconds=settings.queue_lease),
                     "last_error": error,
                     "created_at": now,
                     "updated_at": now,
@@ -215,14 +220,19 @@ async def _claim(batch: Batch, claimant: str) -> list[tuple[int, int, int, int]]
                 queued_until=now + timedelta(seconds=settings.claim_lease),
             )
             .returning(
-                DeliveryRow.id, DeliveryRow.subscriber_id, DeliveryRow.attempts, DeliveryRow.retry_base
+                DeliveryRow.id,
+                DeliveryRow.subscriber_id,
+                DeliveryRow.attempts,
+                DeliveryRow.retry_base,
             )
             .execution_options(synchronize_session=False)
         )
         return [tuple(row) for row in claimed.all()]  # type: ignore[misc]
 
 
-async def _load(batch: Batch, subscriber_ids: list[int]) -> tuple[Message, Channel, dict[int, Principal]]:
+async def _load(
+    batch: Batch, subscriber_ids: list[int]
+) -> tuple[Message, Channel, dict[int, Principal]]:
     async with db.session() as s:
         message_row = await s.get(MessageRow, batch.message_id)
         channel_row = await s.get(ChannelRow, batch.channel_id)
@@ -232,9 +242,15 @@ async def _load(batch: Batch, subscriber_ids: list[int]) -> tuple[Message, Chann
             raise NotFoundError("channel", batch.channel_id)
         principals = {
             row.id: Principal._from_row(row)
-            for row in await s.scalars(select(PrincipalRow).where(PrincipalRow.id.in_(subscriber_ids)))
+            for row in await s.scalars(
+                select(PrincipalRow).where(PrincipalRow.id.in_(subscriber_ids))
+            )
         }
-    message = await Message.get(batch.message_id) if message_row.reply_to_id else Message._from_row(message_row)
+    message = (
+        await Message.get(batch.message_id)
+        if message_row.reply_to_id
+        else Message._from_row(message_row)
+    )
     assert message is not None
     return message, Channel._from_row(channel_row), principals
 
@@ -248,7 +264,9 @@ async def _ensure_generated_aliases(transport: Any, principals: dict[int, Princi
     generated: dict[str, Any] = getattr(transport, "generated_aliases", {})
     if not generated:
         return
-    missing = [p.id for p in principals.values() if p.id and any(k not in p.aliases for k in generated)]
+    missing = [
+        p.id for p in principals.values() if p.id and any(k not in p.aliases for k in generated)
+    ]
     if not missing:
         return
     async with db.session() as s, s.begin():
@@ -321,8 +339,11 @@ async def deliver(batch: Batch, claimant: str) -> BatchStats:
             by_subscriber = {r.subscriber_id: r for r in sent}
             for principal in recipients:
                 assert principal.delivery_id is not None
-                results[principal.delivery_id] = by_subscriber.get(principal.id) or TransportResult.failed(
-                    principal.id, f"transport {transport_name!r} returned no result for this subscriber"
+                results[principal.delivery_id] = by_subscriber.get(
+                    principal.id
+                ) or TransportResult.failed(
+                    principal.id,
+                    f"transport {transport_name!r} returned no result for this subscriber",
                 )
     except (NotFoundError, ValueError, ImportError) as exc:
         for delivery_id, subscriber_id, _, _ in claimed:
@@ -330,7 +351,9 @@ async def deliver(batch: Batch, claimant: str) -> BatchStats:
                 delivery_id, TransportResult.failed(subscriber_id, str(exc), permanent=True)
             )
     except Exception as exc:  # a transport bug must not lose the batch: retry it
-        log.exception("transport %s failed on batch of message %s", transport_name, batch.message_id)
+        log.exception(
+            "transport %s failed on batch of message %s", transport_name, batch.message_id
+        )
         for delivery_id, subscriber_id, _, _ in claimed:
             results.setdefault(
                 delivery_id, TransportResult.failed(subscriber_id, f"{type(exc).__name__}: {exc}")
@@ -340,7 +363,7 @@ async def deliver(batch: Batch, claimant: str) -> BatchStats:
     soon: dict[float, list[int]] = {}
     attempt_rows: list[dict[str, Any]] = []
     updates: list[dict[str, Any]] = []
-    for delivery_id, subscriber_id, attempts, retry_base in claimed:
+    for delivery_id, _, attempts, retry_base in claimed:
         result = results[delivery_id]
         result.delivery_id = delivery_id
         result.transport = transport_name
@@ -357,11 +380,17 @@ async def deliver(batch: Batch, claimant: str) -> BatchStats:
         }
         if result.success:
             status = AttemptStatus.DELIVERED
-            change.update(status=DeliveryStatus.DELIVERED, delivered_at=finished_at,
-                          next_attempt_at=None, queued_until=None)
+            change.update(
+                status=DeliveryStatus.DELIVERED,
+                delivered_at=finished_at,
+                next_attempt_at=None,
+                queued_until=None,
+            )
             stats.delivered += 1
         else:
-            delay = None if result.permanent else next_delay(number - retry_base, result.retry_after)
+            delay = (
+                None if result.permanent else next_delay(number - retry_base, result.retry_after)
+            )
             status = AttemptStatus.PERMANENT if result.permanent else AttemptStatus.TRANSIENT
             if delay is None:
                 if not result.permanent:
@@ -400,7 +429,9 @@ async def deliver(batch: Batch, claimant: str) -> BatchStats:
     dispatcher = get_dispatcher()
     for delay, ids in soon.items():
         for chunk in _chunks(ids, settings.batch_size):
-            await dispatcher.enqueue_batches([Batch(batch.message_id, batch.channel_id, chunk)], delay)
+            await dispatcher.enqueue_batches(
+                [Batch(batch.message_id, batch.channel_id, chunk)], delay
+            )
     return stats
 
 
@@ -495,4 +526,3 @@ async def counts_by_status(message_id: int) -> dict[str, int]:
             .group_by(DeliveryRow.status)
         )
         return {status: n for status, n in rows}
-

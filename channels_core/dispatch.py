@@ -20,7 +20,14 @@ from typing import Protocol, runtime_checkable
 from channels_core.errors import ConfigurationError
 from channels_core.settings import get_settings
 
-__all__ = ["RouteJob", "Batch", "Dispatcher", "MemoryDispatcher", "get_dispatcher", "set_dispatcher"]
+__all__ = [
+    "RouteJob",
+    "Batch",
+    "Dispatcher",
+    "MemoryDispatcher",
+    "get_dispatcher",
+    "set_dispatcher",
+]
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -74,7 +75,7 @@ def _alive(pid: int) -> bool:
         proc = psutil.Process(pid)
     except psutil.Error:
         return False
-    return proc.status() != psutil.STATUS_ZOMBIE
+    return bool(proc.status() != psutil.STATUS_ZOMBIE)
 
 
 def _free_port() -> int:
@@ -163,7 +164,14 @@ def _pg_run_as() -> str | None:
         pwd.getpwnam(_PG_USER_WHEN_ROOT)
     except KeyError:
         subprocess.run(
-            ["useradd", "--system", "--no-create-home", "-s", "/usr/sbin/nologin", _PG_USER_WHEN_ROOT],
+            [
+                "useradd",
+                "--system",
+                "--no-create-home",
+                "-s",
+                "/usr/sbin/nologin",
+                _PG_USER_WHEN_ROOT,
+            ],
             check=True,
             capture_output=True,
         )
@@ -202,8 +210,10 @@ def ensure_postgres() -> EmbeddedServer:
             _run_pg(
                 [
                     str(_pg_bin("initdb")),
-                    "-D", str(data),
-                    "-U", "channels",
+                    "-D",
+                    str(data),
+                    "-U",
+                    "channels",
                     "--auth=trust",
                     "--encoding=UTF8",
                     "--no-sync",
@@ -227,8 +237,19 @@ def ensure_postgres() -> EmbeddedServer:
             ]
         )
         _run_pg(
-            [str(_pg_bin("pg_ctl")), "-D", str(data), "-l", str(log), "-w", "-t", "60",
-             "-o", options, "start"],
+            [
+                str(_pg_bin("pg_ctl")),
+                "-D",
+                str(data),
+                "-l",
+                str(log),
+                "-w",
+                "-t",
+                "60",
+                "-o",
+                options,
+                "start",
+            ],
             user,
         )
         pid = int((data / "postmaster.pid").read_text().split()[0])
@@ -247,10 +268,10 @@ def ensure_postgres() -> EmbeddedServer:
 def _run_pg(args: list[str], user: str | None) -> None:
     # Drop root's groups too: a directory's group bits would otherwise apply
     # to the server user as a member of root's group.
-    groups: dict[str, object] = {"user": user, "group": user, "extra_groups": []} if user else {}
+    groups: dict[str, Any] = {"user": user, "group": user, "extra_groups": []} if user else {}
     result = subprocess.run(
         args,
-        **groups,  # type: ignore[arg-type]
+        **groups,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -303,14 +324,22 @@ def ensure_valkey() -> EmbeddedServer:
         subprocess.run(
             [
                 str(_valkey_bin()),
-                "--bind", _HOST,
-                "--port", str(port),
-                "--save", "",
-                "--appendonly", "no",
-                "--daemonize", "yes",
-                "--pidfile", str(pidfile),
-                "--dir", str(data),
-                "--logfile", str(data / "server.log"),
+                "--bind",
+                _HOST,
+                "--port",
+                str(port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "yes",
+                "--pidfile",
+                str(pidfile),
+                "--dir",
+                str(data),
+                "--logfile",
+                str(data / "server.log"),
             ],
             check=True,
             stdin=subprocess.DEVNULL,
@@ -354,7 +383,9 @@ def status() -> list[EmbeddedServer]:
     return [EmbeddedServer(**raw) for raw in state.values()]
 
 
-def stop(timeout: float = 30.0, names: tuple[str, ...] = ("postgres", "valkey")) -> list[EmbeddedServer]:
+def stop(
+    timeout: float = 30.0, names: tuple[str, ...] = ("postgres", "valkey")
+) -> list[EmbeddedServer]:
     """Stop the embedded servers of this home by their PIDs; return those stopped.
 
     Their entries stay in the state file (not running), so a restart reuses

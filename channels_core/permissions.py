@@ -30,7 +30,9 @@ def _titles_of(principal_id: int):  # type: ignore[no-untyped-def]
 
 
 async def has_permission(session: AsyncSession, principal_id: int, title: str) -> bool:
-    found = await session.scalar(_titles_of(principal_id).where(PermissionRow.title == title).limit(1))
+    found = await session.scalar(
+        _titles_of(principal_id).where(PermissionRow.title == title).limit(1)
+    )
     return found is not None
 
 

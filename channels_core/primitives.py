@@ -35,7 +35,7 @@ from channels_core.models import (
     RoleRow,
     SubscriptionRow,
 )
-from channels_core.permissions import MANAGE, SUBSCRIBE, SUBMIT, has_permission
+from channels_core.permissions import MANAGE, SUBMIT, SUBSCRIBE, has_permission
 from channels_core.transports.registry import (
     TransportRepository,
     egress_registry,
@@ -79,7 +79,7 @@ def _check_id(value: object, field: str) -> int:
     return value
 
 
-async def _require(session: AsyncSession, row_type: type, ident: int, kind: str) -> Any:
+async def _require(session: AsyncSession, row_type: type[Any], ident: int, kind: str) -> Any:
     row = await session.get(row_type, ident)
     if row is None:
         raise NotFoundError(kind, ident)
@@ -211,7 +211,9 @@ class Principal(_Aliased):
                 self.id, self.created_at = row.id, row.created_at
             else:
                 await _require(s, PrincipalRow, self.id, "principal")
-                await s.execute(update(PrincipalRow).where(PrincipalRow.id == self.id).values(values))
+                await s.execute(
+                    update(PrincipalRow).where(PrincipalRow.id == self.id).values(values)
+                )
             current = set(
                 await s.scalars(
                     select(PrincipalRoleRow.role_id).where(PrincipalRoleRow.principal_id == self.id)
@@ -311,7 +313,9 @@ class Permission(_Titled):
             else:
                 await _require(s, PermissionRow, self.id, "permission")
                 await s.execute(
-                    update(PermissionRow).where(PermissionRow.id == self.id).values(title=self.title)
+                    update(PermissionRow)
+                    .where(PermissionRow.id == self.id)
+                    .values(title=self.title)
                 )
         return self
 
@@ -365,7 +369,9 @@ class Role(_Titled):
                 self.id = row.id
             else:
                 await _require(s, RoleRow, self.id, "role")
-                await s.execute(update(RoleRow).where(RoleRow.id == self.id).values(title=self.title))
+                await s.execute(
+                    update(RoleRow).where(RoleRow.id == self.id).values(title=self.title)
+                )
             current = set(
                 await s.scalars(
                     select(RolePermissionRow.permission_id).where(
@@ -592,7 +598,9 @@ class Channel(_Titled, _Aliased):
                 )
             )
             if result.rowcount == 0:  # type: ignore[attr-defined]
-                raise NotFoundError("subscription", f"of principal {subscriber_id} to channel {channel_id}")
+                raise NotFoundError(
+                    "subscription", f"of principal {subscriber_id} to channel {channel_id}"
+                )
 
     async def get_subscribers(self) -> Manifest[Principal]:
         channel_id = _need_id(self, "channel")
@@ -609,9 +617,7 @@ class Channel(_Titled, _Aliased):
         channel_id = _need_id(self, "channel")
         async with db.session() as s:
             return int(
-                await s.scalar(
-                    select(func.count()).where(SubscriptionRow.channel_id == channel_id)
-                )
+                await s.scalar(select(func.count()).where(SubscriptionRow.channel_id == channel_id))
                 or 0
             )
 
@@ -708,9 +714,7 @@ class Message:
         check_content_type(self.content_type)
         if self.author_id is not None:
             _check_id(self.author_id, "author_id")
-        if self.id is not None and (
-            self.reply_to_id == self.id or self.id in self._references
-        ):
+        if self.id is not None and (self.reply_to_id == self.id or self.id in self._references):
             raise ValidationError(f"message {self.id} cannot reply to or reference itself")
 
     async def _check_links(self, s: AsyncSession) -> None:
@@ -761,7 +765,9 @@ class Message:
             self.id, self.created_at = row.id, row.created_at
         else:
             await _require(s, MessageRow, self.id, "message")
-            await s.execute(update(MessageRow).where(MessageRow.id == self.id).values(self._values()))
+            await s.execute(
+                update(MessageRow).where(MessageRow.id == self.id).values(self._values())
+            )
         current = list(
             await s.scalars(
                 select(MessageReferenceRow.referenced_id).where(
@@ -774,7 +780,11 @@ class Message:
             await s.execute(
                 insert(MessageReferenceRow),
                 [
-                    {"message_id": self.id, "referenced_id": r, "position": self._references.index(r)}
+                    {
+                        "message_id": self.id,
+                        "referenced_id": r,
+                        "position": self._references.index(r),
+                    }
                     for r in missing
                 ],
             )
@@ -829,7 +839,9 @@ class Message:
             return Manifest(Message._from_row(r) for (r,) in rows)
 
     async def get_conversation(self) -> Conversation | None:
-        return None if self.conversation_id is None else await Conversation.get(self.conversation_id)
+        return (
+            None if self.conversation_id is None else await Conversation.get(self.conversation_id)
+        )
 
     async def send(
         self, channels: Iterable[Channel] | Channel, *, wait: bool = False, timeout: float = 30.0

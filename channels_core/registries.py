@@ -81,7 +81,9 @@ class MessageRegistry:
     async def iterate(self, *, since: datetime | None = None) -> AsyncIterator[Message]:
         last = 0
         while True:
-            query = select(MessageRow).where(MessageRow.id > last).order_by(MessageRow.id).limit(_PAGE)
+            query = (
+                select(MessageRow).where(MessageRow.id > last).order_by(MessageRow.id).limit(_PAGE)
+            )
             if since is not None:
                 query = query.where(MessageRow.created_at >= since)
             async with db.session() as s:
@@ -197,7 +199,9 @@ class PrincipalRegistry:
             query = query.where(PrincipalRow.kind == kind)
         async with db.session() as s:
             rows = list(await s.scalars(query))
-            role_rows = await s.execute(select(PrincipalRoleRow.principal_id, PrincipalRoleRow.role_id))
+            role_rows = await s.execute(
+                select(PrincipalRoleRow.principal_id, PrincipalRoleRow.role_id)
+            )
             roles: dict[int, list[int]] = {}
             for pid, rid in role_rows:
                 roles.setdefault(pid, []).append(rid)

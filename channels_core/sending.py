@@ -76,7 +76,11 @@ class Dispatch:
                 )
             ).all()
         entries = [
-            _Entry(c, o, TransportResult(success=True, pending_count=1, channel_id=c, message_id=message_id))
+            _Entry(
+                c,
+                o,
+                TransportResult(success=True, pending_count=1, channel_id=c, message_id=message_id),
+            )
             for c, o in rows
         ]
         dispatch = cls(message_id, entries)
@@ -129,7 +133,9 @@ class Dispatch:
             delay = min(delay * 1.5, 0.5)
 
 
-async def channel_results(message_id: int, channel_ids: Sequence[int]) -> dict[int, TransportResult]:
+async def channel_results(
+    message_id: int, channel_ids: Sequence[int]
+) -> dict[int, TransportResult]:
     """Per-channel results of a message from the delivery rows.
 
     A channel whose outbox entry is not routed yet counts its current
@@ -234,7 +240,7 @@ async def send_messages(messages: Sequence[Message], channels: Sequence[Channel]
             await m._write(s)
         now = utcnow()
         relay_at = now + timedelta(seconds=get_settings().outbox_relay_after)
-        rows = []
+        rows: list[dict[str, object]] = []
         for m in messages:
             assert m.id is not None and m.author_id is not None
             if permitted[m.author_id]:
@@ -250,11 +256,13 @@ async def send_messages(messages: Sequence[Message], channels: Sequence[Channel]
         outbox_ids: dict[tuple[int, int], int] = {}
         if rows:
             inserted = await s.execute(
-                insert(OutboxRow).returning(OutboxRow.id, OutboxRow.message_id, OutboxRow.channel_id),
+                insert(OutboxRow).returning(
+                    OutboxRow.id, OutboxRow.message_id, OutboxRow.channel_id
+                ),
                 rows,
             )
-            for outbox_id, message_id, channel_id in inserted:
-                outbox_ids[(message_id, channel_id)] = outbox_id
+            for new_id, message_id, channel_id in inserted:
+                outbox_ids[(message_id, channel_id)] = new_id
         subscriber_counts = dict(
             (
                 await s.execute(
@@ -268,7 +276,7 @@ async def send_messages(messages: Sequence[Message], channels: Sequence[Channel]
             assert m.id is not None
             entries = []
             for c in channel_ids:
-                outbox_id = outbox_ids.get((m.id, c))
+                outbox_id: int | None = outbox_ids.get((m.id, c))
                 if outbox_id is None:
                     result = TransportResult(
                         success=False,

@@ -27,7 +27,7 @@ def new_secret() -> str:
 
 
 def secret_bytes(secret: str) -> bytes:
-    raw = secret[len(SECRET_PREFIX):] if secret.startswith(SECRET_PREFIX) else secret
+    raw = secret[len(SECRET_PREFIX) :] if secret.startswith(SECRET_PREFIX) else secret
     try:
         return base64.b64decode(raw, validate=True)
     except ValueError as exc:

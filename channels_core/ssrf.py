@@ -59,7 +59,9 @@ _6TO4 = ipaddress.ip_network("2002::/16")
 
 @lru_cache(maxsize=8)
 def _allowed(spec: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
-    return tuple(ipaddress.ip_network(p.strip(), strict=False) for p in spec.split(",") if p.strip())
+    return tuple(
+        ipaddress.ip_network(p.strip(), strict=False) for p in spec.split(",") if p.strip()
+    )
 
 
 def _embedded_v4(addr: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:

@@ -26,7 +26,9 @@ __all__ = [
 
 # Deliberately plain: one @, a dotted domain, no spaces or control characters.
 # Deliverability is the SMTP server's call; this refuses what is clearly not an address.
-_EMAIL = re.compile(r"^[^@\s<>()\[\],;:\"\\]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*$")
+_EMAIL = re.compile(
+    r"^[^@\s<>()\[\],;:\"\\]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*$"
+)
 _CONTENT_TYPE = re.compile(r"^[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+$")
 _QUEUE = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
 _ALIAS_KEY = re.compile(r"^[a-z][a-z0-9_]{0,63}$")

@@ -41,7 +41,12 @@ def _message(spec: Message | Mapping[str, Any]) -> Message:
     if isinstance(spec, Message):
         return spec
     unknown = set(spec) - {
-        "content", "author_id", "content_type", "reply_to_id", "conversation_id", "references",
+        "content",
+        "author_id",
+        "content_type",
+        "reply_to_id",
+        "conversation_id",
+        "references",
     }
     if unknown:
         raise ValidationError(f"unknown message fields: {', '.join(sorted(unknown))}")
@@ -140,14 +145,21 @@ class Producer:
         future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self._loop)
         return future.result()
 
-    def send(self, channels: Iterable[ChannelRef] | ChannelRef, content: str, **kwargs: Any) -> Dispatch:
+    def send(
+        self, channels: Iterable[ChannelRef] | ChannelRef, content: str, **kwargs: Any
+    ) -> Dispatch:
         return self._run(self._async.send(channels, content, **kwargs))
 
-    def send_message(self, message: Message, channels: Iterable[ChannelRef] | ChannelRef, **kwargs: Any) -> Dispatch:
+    def send_message(
+        self, message: Message, channels: Iterable[ChannelRef] | ChannelRef, **kwargs: Any
+    ) -> Dispatch:
         return self._run(self._async.send_message(message, channels, **kwargs))
 
     def send_many(
-        self, messages: Iterable[Message | Mapping[str, Any]], channels: Iterable[ChannelRef] | ChannelRef, **kwargs: Any
+        self,
+        messages: Iterable[Message | Mapping[str, Any]],
+        channels: Iterable[ChannelRef] | ChannelRef,
+        **kwargs: Any,
     ) -> list[Dispatch]:
         return self._run(self._async.send_many(messages, channels, **kwargs))
 

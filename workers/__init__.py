@@ -6,7 +6,7 @@ registers the tasks.
 
 from __future__ import annotations
 
-from workers.app import app
 from workers import tasks  # noqa: F401  (registers the tasks on the app)
+from workers.app import app
 
 __all__ = ["app"]

@@ -13,7 +13,7 @@ Settings that make delivery safe, each on purpose:
 from __future__ import annotations
 
 from celery import Celery
-from kombu import Queue
+from kombu.entity import Queue
 
 from channels_core import embedded
 from channels_core.names import (

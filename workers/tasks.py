@@ -49,17 +49,25 @@ def route_message(self: Any, jobs: list[list[int]]) -> dict[str, int]:
         total["skipped"] += int(stats.skipped)
         log.info(
             "routed message %s on channel %s: %d deliveries in %d batches via %s",
-            message_id, channel_id, stats.deliveries, stats.batches, stats.transport,
+            message_id,
+            channel_id,
+            stats.deliveries,
+            stats.batches,
+            stats.transport,
             extra={"message_id": message_id, "channel_id": channel_id},
         )
     return total
 
 
 @app.task(name=DELIVER_TASK, bind=True)
-def deliver_batch(self: Any, message_id: int, channel_id: int, delivery_ids: list[int]) -> dict[str, int]:
+def deliver_batch(
+    self: Any, message_id: int, channel_id: int, delivery_ids: list[int]
+) -> dict[str, int]:
     """Deliver one batch of one message on one channel."""
     stats = runtime.run(
-        delivery.deliver(Batch(message_id, channel_id, tuple(delivery_ids)), claimant=self.request.id)
+        delivery.deliver(
+            Batch(message_id, channel_id, tuple(delivery_ids)), claimant=self.request.id
+        )
     )
     return {
         "claimed": stats.claimed,

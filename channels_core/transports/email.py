@@ -12,6 +12,7 @@ SMTP 4xx answers are transient, 5xx permanent, per recipient.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 from email.message import EmailMessage
@@ -36,7 +37,9 @@ def _domain() -> str:
     return sender.rpartition("@")[2] or "localhost"
 
 
-def message_id_for(delivery_id: int | None, message_id: int | None, subscriber_id: int | None) -> str:
+def message_id_for(
+    delivery_id: int | None, message_id: int | None, subscriber_id: int | None
+) -> str:
     if delivery_id is not None:
         return f"<dlv-{delivery_id}@{_domain()}>"
     return f"<msg-{message_id}.{subscriber_id}@{_domain()}>"
@@ -68,7 +71,9 @@ class EmailEgress(EgressTransport):
         mail["Subject"] = check_header_value("Subject", subject)
         mail["Date"] = formatdate(localtime=False)
         mail["Message-ID"] = message_id_for(subscriber.delivery_id, message.id, subscriber.id)
-        parents = [message_id_for(d, None, None) for d in getattr(subscriber, "thread_delivery_ids", [])]
+        parents = [
+            message_id_for(d, None, None) for d in getattr(subscriber, "thread_delivery_ids", [])
+        ]
         if parents:
             mail["In-Reply-To"] = parents[-1]
             mail["References"] = " ".join(parents)
@@ -88,7 +93,9 @@ class EmailEgress(EgressTransport):
             try:
                 mails.append((subscriber, self.build(message, channel, subscriber)))
             except (ValidationError, ValueError) as exc:
-                results[subscriber.id] = TransportResult.failed(subscriber.id, str(exc), permanent=True)
+                results[subscriber.id] = TransportResult.failed(
+                    subscriber.id, str(exc), permanent=True
+                )
         if mails:
             client = aiosmtplib.SMTP(
                 hostname=settings.smtp_host,
@@ -102,7 +109,9 @@ class EmailEgress(EgressTransport):
                 await client.connect()
             except (aiosmtplib.SMTPException, OSError) as exc:
                 error = f"SMTP connect to {settings.smtp_host}:{settings.smtp_port} failed: {exc}"
-                permanent = isinstance(exc, aiosmtplib.SMTPResponseException) and _classify(exc.code)
+                permanent = isinstance(exc, aiosmtplib.SMTPResponseException) and _classify(
+                    exc.code
+                )
                 for subscriber, _ in mails:
                     results[subscriber.id] = TransportResult.failed(
                         subscriber.id, error, permanent=permanent
@@ -146,10 +155,8 @@ class EmailEgress(EgressTransport):
             )
         except aiosmtplib.SMTPResponseException as exc:
             latency = (time.perf_counter() - started) * 1000
-            try:
+            with contextlib.suppress(aiosmtplib.SMTPException, OSError):
                 await client.rset()
-            except (aiosmtplib.SMTPException, OSError):
-                pass
             return TransportResult.failed(
                 sid,
                 f"SMTP {exc.code}: {exc.message}",

@@ -224,7 +224,9 @@ class HttpEgress(EgressTransport):
         except aiohttp.ClientConnectorError as exc:
             latency = (time.perf_counter() - started) * 1000
             if isinstance(exc.os_error, EgressBlocked) or "refused to connect" in str(exc):
-                return TransportResult.failed(sid, str(exc.os_error), permanent=True, latency_ms=latency)
+                return TransportResult.failed(
+                    sid, str(exc.os_error), permanent=True, latency_ms=latency
+                )
             return TransportResult.failed(sid, f"connection failed: {exc}", latency_ms=latency)
         except TimeoutError:
             latency = (time.perf_counter() - started) * 1000
@@ -233,9 +235,7 @@ class HttpEgress(EgressTransport):
             )
         except (aiohttp.ClientError, OSError) as exc:
             latency = (time.perf_counter() - started) * 1000
-            return TransportResult.failed(
-                sid, f"{type(exc).__name__}: {exc}", latency_ms=latency
-            )
+            return TransportResult.failed(sid, f"{type(exc).__name__}: {exc}", latency_ms=latency)
         latency = (time.perf_counter() - started) * 1000
         outcome = classify_status(status)
         if outcome == "delivered":

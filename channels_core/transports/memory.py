@@ -48,7 +48,13 @@ class MemoryEgress(EgressTransport):
         results = []
         for subscriber in subscribers:
             self.sent.append(
-                Sent(message.id, channel.id, subscriber.id, subscriber.delivery_id, message.content)
+                Sent(
+                    message.id,
+                    channel.id,
+                    subscriber.id,
+                    subscriber.delivery_id,
+                    message.content or "",
+                )
             )
             scripted = self.fail_with.get(subscriber.id or -1)
             results.append(scripted or TransportResult.delivered(subscriber.id))

@@ -30,7 +30,9 @@ __all__ = ["QueueEgress", "envelope"]
 
 def envelope(message: Message, channel: Channel, subscriber: Principal) -> dict[str, Any]:
     return {
-        "id": f"dlv_{subscriber.delivery_id}" if subscriber.delivery_id else f"msg_{message.id}_{subscriber.id}",
+        "id": f"dlv_{subscriber.delivery_id}"
+        if subscriber.delivery_id
+        else f"msg_{message.id}_{subscriber.id}",
         "type": "message.created",
         "timestamp": (message.created_at or datetime.now(UTC)).isoformat(),
         "delivery_id": subscriber.delivery_id,
@@ -79,7 +81,9 @@ class QueueEgress(EgressTransport):
                     raise ValidationError(f"subscriber {subscriber.id} has no 'queue' alias")
                 check_queue_name(name)
             except ValidationError as exc:
-                results[subscriber.id] = TransportResult.failed(subscriber.id, str(exc), permanent=True)
+                results[subscriber.id] = TransportResult.failed(
+                    subscriber.id, str(exc), permanent=True
+                )
                 continue
             body = json.dumps(envelope(message, channel, subscriber)).encode()
             work.append((subscriber, name, body))
@@ -87,8 +91,11 @@ class QueueEgress(EgressTransport):
             results.update(await asyncio.to_thread(self._publish, work))
         return [results[s.id] for s in subscribers]
 
-    def _publish(self, work: list[tuple[Principal, str, bytes]]) -> dict[int | None, TransportResult]:
-        from kombu import Connection, Queue
+    def _publish(
+        self, work: list[tuple[Principal, str, bytes]]
+    ) -> dict[int | None, TransportResult]:
+        from kombu.connection import Connection
+        from kombu.entity import Queue
         from kombu.exceptions import KombuError
 
         results: dict[int | None, TransportResult] = {}
@@ -121,7 +128,7 @@ class QueueEgress(EgressTransport):
                         subscriber.id, latency_ms=(time.perf_counter() - started) * 1000
                     )
         except (KombuError, OSError) as exc:
-            for subscriber, name, _ in work:
+            for subscriber, _, _ in work:
                 results.setdefault(
                     subscriber.id,
                     TransportResult.failed(subscriber.id, f"queue broker unreachable: {exc}"),

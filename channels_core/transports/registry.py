@@ -100,7 +100,9 @@ class TransportRegistry:
 
     def resolve(self, preferred: str | None) -> tuple[str, object]:
         """First match: the preferred transport if available, else the first available."""
-        candidates = ([preferred] if preferred else []) + [n for n in self.names() if n != preferred]
+        candidates = ([preferred] if preferred else []) + [
+            n for n in self.names() if n != preferred
+        ]
         unavailable: list[str] = []
         for name in candidates:
             try:

@@ -92,7 +92,9 @@ def stack(
     }
     worker = start_worker(env, logs / "worker.log")
     beat = start_beat(env, logs / "beat.log", logs / "beat-schedule")
-    stack = Stack(env, http, smtp, queues, worker, beat, logs, broker_url, e2e_database_url, [worker, beat])
+    stack = Stack(
+        env, http, smtp, queues, worker, beat, logs, broker_url, e2e_database_url, [worker, beat]
+    )
     yield stack
     for process in reversed(stack.started):
         process.stop()

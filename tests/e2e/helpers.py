@@ -27,7 +27,12 @@ async def author(*, submit: bool = True) -> Principal:
 
 
 async def channel(transport: str) -> Channel:
-    return await Channel().set_title(f"{transport} {tag()}").set_alias("egress_transport", transport).save()
+    return (
+        await Channel()
+        .set_title(f"{transport} {tag()}")
+        .set_alias("egress_transport", transport)
+        .save()
+    )
 
 
 async def subscribers(ch: Channel, aliases: list[dict[str, str]], kind: str = "bot") -> list[int]:
@@ -49,7 +54,9 @@ async def deliveries(message_id: int) -> list[DeliveryRow]:
     async with db.session() as s:
         return list(
             await s.scalars(
-                select(DeliveryRow).where(DeliveryRow.message_id == message_id).order_by(DeliveryRow.id)
+                select(DeliveryRow)
+                .where(DeliveryRow.message_id == message_id)
+                .order_by(DeliveryRow.id)
             )
         )
 
@@ -58,6 +65,8 @@ async def attempts(delivery_id: int) -> list[AttemptRow]:
     async with db.session() as s:
         return list(
             await s.scalars(
-                select(AttemptRow).where(AttemptRow.delivery_id == delivery_id).order_by(AttemptRow.attempt)
+                select(AttemptRow)
+                .where(AttemptRow.delivery_id == delivery_id)
+                .order_by(AttemptRow.attempt)
             )
         )
