@@ -240,7 +240,8 @@ class QueueConsumer:
 
     def start(self) -> QueueConsumer:
         def consume() -> None:
-            from kombu import Connection, Queue
+            from kombu.connection import Connection
+            from kombu.entity import Queue
 
             def on_message(body: Any, message: Any) -> None:
                 data = json.loads(body) if isinstance(body, bytes | str) else body
