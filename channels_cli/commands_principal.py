@@ -37,9 +37,7 @@ def _principal_dict(
         "username": p.username,
         "email": p.email,
         "aliases": dict(p.aliases) if reveal_secrets else output.mask_secrets(p.aliases),
-        "roles": [
-            {"id": r, "title": roles[r].title if r in roles else None} for r in p.roles
-        ],
+        "roles": [{"id": r, "title": roles[r].title if r in roles else None} for r in p.roles],
         "created_at": p.created_at,
     }
 
@@ -141,9 +139,7 @@ async def _show(principal_id: int) -> dict[str, Any]:
     roles = await lookups.roles_by_id(found.roles)
     data = _principal_dict(found, roles, reveal_secrets=True)
     data["permissions"] = await lookups.permission_titles_of(principal_id)
-    data["subscriptions"] = [
-        c.id for c in await SubscriptionRegistry().get_channels(principal_id)
-    ]
+    data["subscriptions"] = [c.id for c in await SubscriptionRegistry().get_channels(principal_id)]
     return data
 
 

@@ -107,9 +107,7 @@ def _print_renderable(renderable: Any) -> None:
     # lines grep and compare cleanly.
     natural = Measurement.get(con, con.options.update_width(_UNBOUNDED), renderable).maximum
     if natural > con.width:
-        con = Console(
-            markup=False, highlight=False, soft_wrap=True, emoji=False, width=natural
-        )
+        con = Console(markup=False, highlight=False, soft_wrap=True, emoji=False, width=natural)
     with con.capture() as captured:
         con.print(renderable)
     lines = captured.get().splitlines()

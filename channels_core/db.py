@@ -42,6 +42,9 @@ _engines: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncEngine] = (
 )
 _sync_engine: Engine | None = None
 _url: str | None = None
+# Engines of a previous URL, kept until their loop can close them: an
+# engine dropped without dispose() leaves connections to the collector.
+_stale: list[tuple[asyncio.AbstractEventLoop, AsyncEngine]] = []
 
 
 def _base_url() -> URL:
@@ -91,6 +94,7 @@ def _check_url_unchanged() -> None:
     current = str(_base_url())
     if _url != current:
         # Settings changed (tests switch databases): start afresh.
+        _stale.extend(_engines.items())
         _engines.clear()
         if _sync_engine is not None:
             _sync_engine.dispose()
@@ -130,14 +134,24 @@ def get_sync_engine() -> Engine:
 @asynccontextmanager
 async def session() -> AsyncIterator[AsyncSession]:
     """A session whose objects stay readable after commit."""
+    if _stale:
+        await _dispose_stale(asyncio.get_running_loop())
     maker = async_sessionmaker(get_engine(), expire_on_commit=False)
     async with maker() as s:
         yield s
 
 
+async def _dispose_stale(loop: asyncio.AbstractEventLoop) -> None:
+    mine = [engine for owner, engine in _stale if owner is loop]
+    _stale[:] = [(owner, engine) for owner, engine in _stale if owner is not loop]
+    for engine in mine:
+        await engine.dispose()
+
+
 async def dispose() -> None:
-    """Close the running loop's pool (end of a CLI command, a test, a worker)."""
+    """Close the running loop's pools (end of a CLI command, a test, a worker)."""
     loop = asyncio.get_running_loop()
+    await _dispose_stale(loop)
     engine = _engines.pop(loop, None)
     if engine is not None:
         await engine.dispose()

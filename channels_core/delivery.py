@@ -122,7 +122,10 @@ async def route(job: RouteJob) -> RouteStats:
             page = list(
                 (
                     await s.execute(
-                        select(SubscriptionRow.id, SubscriptionRow.subscriber_id)
+                        select(
+                            SubscriptionRow.id, SubscriptionRow.subscriber_id, PrincipalRow.active
+                        )
+                        .join(PrincipalRow, PrincipalRow.id == SubscriptionRow.subscriber_id)
                         .where(
                             SubscriptionRow.channel_id == outbox.channel_id,
                             SubscriptionRow.id > last,
@@ -135,7 +138,10 @@ async def route(job: RouteJob) -> RouteStats:
             if not page:
                 break
             last = page[-1][0]
-            subscriber_ids = [sid for _, sid in page]
+            # Inactive subscribers are skipped: no delivery row, nothing owed.
+            subscriber_ids = [sid for _, sid, active in page if active]
+            if not subscriber_ids:
+                continue
             now = utcnow()
             rows = [
                 {
@@ -169,7 +175,7 @@ async def route(job: RouteJob) -> RouteStats:
                     .order_by(DeliveryRow.id)
                 )
             )
-        stats.deliveries += len(page)
+        stats.deliveries += len(subscriber_ids)
         batches = [
             Batch(outbox.message_id, outbox.channel_id, chunk)
             for chunk in _chunks(ids, settings.batch_size)
@@ -425,7 +431,7 @@ async def deliver(batch: Batch, claimant: str) -> BatchStats:
         stats.outcomes.append(result)
     async with db.session() as s, s.begin():
         await s.execute(_insert(s, AttemptRow).on_conflict_do_nothing(), attempt_rows)
-        await s.execute(update(DeliveryRow), updates)
+        await _write_states(s, updates)
     dispatcher = get_dispatcher()
     for delay, ids in soon.items():
         for chunk in _chunks(ids, settings.batch_size):
@@ -433,6 +439,33 @@ async def deliver(batch: Batch, claimant: str) -> BatchStats:
                 [Batch(batch.message_id, batch.channel_id, chunk)], delay
             )
     return stats
+
+
+async def _write_states(s: AsyncSession, updates: list[dict[str, Any]]) -> None:
+    """Write new delivery states in as few statements as the data allows.
+
+    Rows whose new values are equal but for the id (the common case: a batch
+    all delivered with 200) share one ``UPDATE ... WHERE id IN (...)``;
+    the rest (retries carry their own jittered due time) go as one
+    executemany by primary key.
+    """
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    singles: list[dict[str, Any]] = []
+    for change in updates:
+        if change.get("status") == DeliveryStatus.RETRYING:
+            singles.append(change)
+            continue
+        values = tuple(sorted((k, v) for k, v in change.items() if k != "id"))
+        groups.setdefault(values, []).append(change["id"])
+    for values, ids in groups.items():
+        await s.execute(
+            update(DeliveryRow)
+            .where(DeliveryRow.id.in_(ids))
+            .values(dict(values))
+            .execution_options(synchronize_session=False)
+        )
+    if singles:
+        await s.execute(update(DeliveryRow), singles)
 
 
 # -- the sweeper ---------------------------------------------------------------

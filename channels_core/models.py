@@ -8,6 +8,10 @@ autogenerate against a migrated database and expects an empty diff.
 Delivery state lives in two tables: ``deliveries`` holds one row per
 (message, channel, subscriber) with its current state, and
 ``delivery_attempts`` one row per try (the TransportResult rows).
+
+Ids are never reused, SQLite included (``sqlite_autoincrement``): a delivery
+id is the ``webhook-id`` receivers deduplicate on, so a reused one would
+make them drop a real delivery.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     ForeignKey,
     Index,
@@ -28,7 +33,9 @@ from sqlalchemy import (
     UniqueConstraint,
     text,
 )
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
 
 __all__ = [
     "Base",
@@ -65,10 +72,35 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timestamps are UTC and timezone-aware on every backend.
+
+    PostgreSQL keeps the zone; SQLite has none and would hand back naive
+    values that cannot be compared with aware ones. Values are stored in
+    UTC and come back marked as UTC.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
     type_annotation_map = {
-        datetime: DateTime(timezone=True),
+        datetime: UTCDateTime(),
         dict[str, Any]: JSON(),
     }
 
@@ -93,17 +125,21 @@ class AttemptStatus:
 
 class PrincipalRow(Base):
     __tablename__ = "principals"
+    __table_args__ = {"sqlite_autoincrement": True}
 
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
     kind: Mapped[str] = mapped_column(String(64), default="user")
     username: Mapped[str | None] = mapped_column(String(255), unique=True)
     email: Mapped[str | None] = mapped_column(String(320))
     aliases: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # An inactive principal keeps its subscriptions but receives nothing.
+    active: Mapped[bool] = mapped_column(Boolean, default=True, server_default=text("true"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class RoleRow(Base):
     __tablename__ = "roles"
+    __table_args__ = {"sqlite_autoincrement": True}
 
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
     title: Mapped[str] = mapped_column(String(255), unique=True)
@@ -111,6 +147,7 @@ class RoleRow(Base):
 
 class PermissionRow(Base):
     __tablename__ = "permissions"
+    __table_args__ = {"sqlite_autoincrement": True}
 
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
     title: Mapped[str] = mapped_column(String(255), unique=True)
@@ -140,6 +177,7 @@ class PrincipalRoleRow(Base):
 
 class ConversationRow(Base):
     __tablename__ = "conversations"
+    __table_args__ = {"sqlite_autoincrement": True}
 
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
     title: Mapped[str] = mapped_column(String(255), default="")
@@ -148,6 +186,7 @@ class ConversationRow(Base):
 
 class ChannelRow(Base):
     __tablename__ = "channels"
+    __table_args__ = {"sqlite_autoincrement": True}
 
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
     title: Mapped[str] = mapped_column(String(255))
@@ -157,7 +196,10 @@ class ChannelRow(Base):
 
 class SubscriptionRow(Base):
     __tablename__ = "subscriptions"
-    __table_args__ = (UniqueConstraint("channel_id", "subscriber_id"),)
+    __table_args__ = (
+        UniqueConstraint("channel_id", "subscriber_id"),
+        {"sqlite_autoincrement": True},
+    )
 
     # Routing pages through a channel's subscribers by this key.
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
@@ -170,7 +212,10 @@ class SubscriptionRow(Base):
 
 class MessageRow(Base):
     __tablename__ = "messages"
-    __table_args__ = (Index("ix_messages_conversation_created", "conversation_id", "created_at"),)
+    __table_args__ = (
+        Index("ix_messages_conversation_created", "conversation_id", "created_at"),
+        {"sqlite_autoincrement": True},
+    )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
     content: Mapped[str] = mapped_column(Text)
@@ -210,6 +255,7 @@ class OutboxRow(Base):
             postgresql_where=text("routed_at IS NULL"),
             sqlite_where=text("routed_at IS NULL"),
         ),
+        {"sqlite_autoincrement": True},
     )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
@@ -232,6 +278,7 @@ class DeliveryRow(Base):
         Index("ix_deliveries_status_next", "status", "next_attempt_at"),
         Index("ix_deliveries_channel_created", "channel_id", "created_at"),
         Index("ix_deliveries_subscriber_id", "subscriber_id", "id"),
+        {"sqlite_autoincrement": True},
     )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
@@ -266,7 +313,7 @@ class AttemptRow(Base):
     """One try of one delivery: the TransportResult row."""
 
     __tablename__ = "delivery_attempts"
-    __table_args__ = (UniqueConstraint("delivery_id", "attempt"),)
+    __table_args__ = (UniqueConstraint("delivery_id", "attempt"), {"sqlite_autoincrement": True})
 
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
     delivery_id: Mapped[int] = mapped_column(Id, ForeignKey("deliveries.id", ondelete="CASCADE"))

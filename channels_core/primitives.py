@@ -79,6 +79,14 @@ def _check_id(value: object, field: str) -> int:
     return value
 
 
+def _one_subscriber(subscriber_id: int | None, user_id: int | None) -> int:
+    """``subscribe(42)`` or, as the seed's README writes it, ``subscribe(user_id=42)``."""
+    if subscriber_id is not None and user_id is not None:
+        raise ValidationError("give subscriber_id or user_id, not both")
+    chosen = subscriber_id if subscriber_id is not None else user_id
+    return _check_id(chosen, "subscriber_id")
+
+
 async def _require(session: AsyncSession, row_type: type[Any], ident: int, kind: str) -> Any:
     row = await session.get(row_type, ident)
     if row is None:
@@ -140,6 +148,7 @@ class Principal(_Aliased):
         self.aliases: dict[str, str] = {}
         for key, value in (aliases or {}).items():
             self.set_alias(key, value)
+        self.active = True
         self.created_at: datetime | None = None
         self._roles: list[int] = []
         # Set by a worker on the copies it hands to a transport.
@@ -155,6 +164,13 @@ class Principal(_Aliased):
 
     def set_username(self, username: str) -> Principal:
         self.username = username
+        return self
+
+    def set_active(self, active: bool) -> Principal:
+        """An inactive principal keeps its subscriptions but receives nothing."""
+        if not isinstance(active, bool):
+            raise ValidationError(f"active must be True or False, not {active!r}")
+        self.active = active
         return self
 
     def set_email(self, email: str) -> Principal:
@@ -194,6 +210,7 @@ class Principal(_Aliased):
                 "username": self.username,
                 "email": self.email,
                 "aliases": dict(self.aliases),
+                "active": self.active,
             }
             if self.username is not None:
                 clash = await s.scalar(
@@ -207,7 +224,10 @@ class Principal(_Aliased):
             if self.id is None:
                 row = PrincipalRow(**values)
                 s.add(row)
-                await s.flush()
+                try:
+                    await s.flush()
+                except IntegrityError as exc:  # a concurrent save took the username
+                    raise ConflictError(f"username {self.username!r} is taken") from exc
                 self.id, self.created_at = row.id, row.created_at
             else:
                 await _require(s, PrincipalRow, self.id, "principal")
@@ -258,12 +278,14 @@ class Principal(_Aliased):
     def _from_row(cls, row: PrincipalRow, roles: Iterable[int] = ()) -> Principal:
         p = cls(row.kind, username=row.username, email=row.email)
         p.aliases = dict(row.aliases or {})
+        p.active = row.active
         p.id, p.created_at = row.id, row.created_at
         p._roles = list(roles)
         return p
 
     @classmethod
     async def get(cls, principal_id: int) -> Principal | None:
+        _check_id(principal_id, "principal_id")
         async with db.session() as s:
             row = await s.get(PrincipalRow, principal_id)
             if row is None:
@@ -396,6 +418,7 @@ class Role(_Titled):
 
     @classmethod
     async def get(cls, role_id: int) -> Role | None:
+        _check_id(role_id, "role_id")
         async with db.session() as s:
             row = await s.get(RoleRow, role_id)
             if row is None:
@@ -444,6 +467,7 @@ class Conversation(_Titled):
 
     @classmethod
     async def get(cls, conversation_id: int) -> Conversation | None:
+        _check_id(conversation_id, "conversation_id")
         async with db.session() as s:
             row = await s.get(ConversationRow, conversation_id)
         if row is None:
@@ -564,13 +588,16 @@ class Channel(_Titled, _Aliased):
 
     @classmethod
     async def get(cls, channel_id: int) -> Channel | None:
+        _check_id(channel_id, "channel_id")
         async with db.session() as s:
             row = await s.get(ChannelRow, channel_id)
         return None if row is None else cls._from_row(row)
 
     # -- subscribers ------------------------------------------------------
 
-    async def subscribe(self, subscriber_id: int, *, by: int | None = None) -> Subscription:
+    async def subscribe(
+        self, subscriber_id: int | None = None, *, by: int | None = None, user_id: int | None = None
+    ) -> Subscription:
         """Subscribe a principal.
 
         With ``by``, the call acts for that principal and is checked: it
@@ -579,15 +606,17 @@ class Channel(_Titled, _Aliased):
         itself (as in the seed), which does its own checks.
         """
         channel_id = _need_id(self, "channel")
-        _check_id(subscriber_id, "subscriber_id")
+        subscriber_id = _one_subscriber(subscriber_id, user_id)
         if by is not None:
             needed = SUBSCRIBE if by == subscriber_id else MANAGE
             await self._require_permission(by, needed)
         return await Subscription(channel_id, subscriber_id).save()
 
-    async def unsubscribe(self, subscriber_id: int, *, by: int | None = None) -> None:
+    async def unsubscribe(
+        self, subscriber_id: int | None = None, *, by: int | None = None, user_id: int | None = None
+    ) -> None:
         channel_id = _need_id(self, "channel")
-        _check_id(subscriber_id, "subscriber_id")
+        subscriber_id = _one_subscriber(subscriber_id, user_id)
         if by is not None and by != subscriber_id:
             await self._require_permission(by, MANAGE)
         async with db.session() as s, s.begin():
@@ -712,8 +741,16 @@ class Message:
     def _validate(self) -> None:
         check_content(self.content)
         check_content_type(self.content_type)
-        if self.author_id is not None:
-            _check_id(self.author_id, "author_id")
+        # Attributes can be assigned around the setters; check them again.
+        for field, value in (
+            ("author_id", self.author_id),
+            ("reply_to_id", self.reply_to_id),
+            ("conversation_id", self.conversation_id),
+        ):
+            if value is not None:
+                _check_id(value, field)
+        for ref in self._references:
+            _check_id(ref, "reference")
         if self.id is not None and (self.reply_to_id == self.id or self.id in self._references):
             raise ValidationError(f"message {self.id} cannot reply to or reference itself")
 
@@ -731,13 +768,11 @@ class Message:
 
     async def _refuse_cycle(self, s: AsyncSession) -> None:
         """Walk up from the new parent; reaching this message would close a loop."""
-        from channels_core.settings import get_settings
-
+        # No depth limit here: a limit would let a deep thread be closed into
+        # a loop. ``seen`` ends the walk on any cycle already in the table.
         seen: set[int] = set()
         current = self.reply_to_id
-        for _ in range(get_settings().thread_depth_limit):
-            if current is None:
-                return
+        while current is not None:
             if current == self.id or current in seen:
                 raise ValidationError(
                     f"replying to message {self.reply_to_id} would make a thread cycle"
@@ -812,6 +847,7 @@ class Message:
 
     @classmethod
     async def get(cls, message_id: int) -> Message | None:
+        _check_id(message_id, "message_id")
         async with db.session() as s:
             row = await s.get(MessageRow, message_id)
             if row is None:

@@ -58,7 +58,7 @@ class Dispatch:
     (pending counts right after the send), as the seed's ``results`` list.
     """
 
-    def __init__(self, message_id: int, entries: list[_Entry]) -> None:
+    def __init__(self, message_id: int | None, entries: list[_Entry]) -> None:
         self.message_id = message_id
         self._entries = entries
 
@@ -111,6 +111,7 @@ class Dispatch:
     async def refresh(self) -> list[TransportResult]:
         accepted = [e for e in self._entries if e.outbox_id is not None]
         if accepted:
+            assert self.message_id is not None
             fresh = await channel_results(self.message_id, [e.channel_id for e in accepted])
             for e in accepted:
                 e.result = fresh[e.channel_id]
@@ -237,13 +238,15 @@ async def send_messages(messages: Sequence[Message], channels: Sequence[Channel]
                 raise NotFoundError("principal", author_id)
             permitted[author_id] = SUBMIT in await permissions_of(s, author_id)
         for m in messages:
-            await m._write(s)
+            # Saved if needed, but a message no channel accepts and that was
+            # never saved stays unsaved: a refused send changes nothing.
+            if m.id is not None or permitted[m.author_id]:  # type: ignore[index]
+                await m._write(s)
         now = utcnow()
         relay_at = now + timedelta(seconds=get_settings().outbox_relay_after)
         rows: list[dict[str, object]] = []
         for m in messages:
-            assert m.id is not None and m.author_id is not None
-            if permitted[m.author_id]:
+            if m.id is not None and permitted[m.author_id]:  # type: ignore[index]
                 rows.extend(
                     {
                         "message_id": m.id,
@@ -273,10 +276,9 @@ async def send_messages(messages: Sequence[Message], channels: Sequence[Channel]
             ).all()
         )
         for m in messages:
-            assert m.id is not None
             entries = []
             for c in channel_ids:
-                outbox_id: int | None = outbox_ids.get((m.id, c))
+                outbox_id: int | None = outbox_ids.get((m.id, c)) if m.id is not None else None
                 if outbox_id is None:
                     result = TransportResult(
                         success=False,
@@ -287,10 +289,11 @@ async def send_messages(messages: Sequence[Message], channels: Sequence[Channel]
                         message_id=m.id,
                     )
                 else:
+                    assert m.id is not None
                     jobs.append(RouteJob(outbox_id, m.id, c))
                     result = TransportResult(
                         success=True,
-                        pending_count=max(1, subscriber_counts.get(c, 0)),
+                        pending_count=subscriber_counts.get(c, 0),
                         channel_id=c,
                         message_id=m.id,
                     )
@@ -306,9 +309,4 @@ async def send_messages(messages: Sequence[Message], channels: Sequence[Channel]
                 len(jobs),
                 exc,
             )
-    return [Dispatch(_id(m), entries) for m, entries in plans]
-
-
-def _id(m: Message) -> int:
-    assert m.id is not None
-    return m.id
+    return [Dispatch(m.id, entries) for m, entries in plans]

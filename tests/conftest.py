@@ -38,6 +38,13 @@ def _embedded_home() -> Iterator[Path]:
     shutil.rmtree(_HOME, ignore_errors=True)
 
 
+@pytest.fixture(scope="session", autouse=True)
+async def _close_pools() -> AsyncIterator[None]:
+    """Close the session loop's pools last, so no connection is left to the collector."""
+    yield
+    await db.dispose()
+
+
 @pytest.fixture(scope="session")
 def postgres_url() -> str:
     return embedded.ensure_postgres().url
@@ -71,6 +78,7 @@ async def _truncate() -> None:
         else:
             for name in tables:
                 await s.execute(text(f"DELETE FROM {name}"))
+            # Tables use AUTOINCREMENT (ids are never reused), so this exists.
             await s.execute(text("DELETE FROM sqlite_sequence"))
 
 

@@ -31,6 +31,7 @@ def upgrade() -> None:
         sa.Column("aliases", sa.JSON(), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_channels")),
+        sqlite_autoincrement=True,
     )
     op.create_table(
         "conversations",
@@ -43,6 +44,7 @@ def upgrade() -> None:
         sa.Column("title", sa.String(length=255), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_conversations")),
+        sqlite_autoincrement=True,
     )
     op.create_table(
         "permissions",
@@ -55,6 +57,7 @@ def upgrade() -> None:
         sa.Column("title", sa.String(length=255), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_permissions")),
         sa.UniqueConstraint("title", name=op.f("uq_permissions_title")),
+        sqlite_autoincrement=True,
     )
     op.create_table(
         "principals",
@@ -68,9 +71,11 @@ def upgrade() -> None:
         sa.Column("username", sa.String(length=255), nullable=True),
         sa.Column("email", sa.String(length=320), nullable=True),
         sa.Column("aliases", sa.JSON(), nullable=False),
+        sa.Column("active", sa.Boolean(), server_default=sa.text("(true)"), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_principals")),
         sa.UniqueConstraint("username", name=op.f("uq_principals_username")),
+        sqlite_autoincrement=True,
     )
     op.create_table(
         "roles",
@@ -83,6 +88,7 @@ def upgrade() -> None:
         sa.Column("title", sa.String(length=255), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_roles")),
         sa.UniqueConstraint("title", name=op.f("uq_roles_title")),
+        sqlite_autoincrement=True,
     )
     op.create_table(
         "messages",
@@ -114,6 +120,7 @@ def upgrade() -> None:
             ["reply_to_id"], ["messages.id"], name=op.f("fk_messages_reply_to_id_messages")
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_messages")),
+        sqlite_autoincrement=True,
     )
     with op.batch_alter_table("messages", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_messages_author_id"), ["author_id"], unique=False)
@@ -201,6 +208,7 @@ def upgrade() -> None:
         sa.UniqueConstraint(
             "channel_id", "subscriber_id", name=op.f("uq_subscriptions_channel_id")
         ),
+        sqlite_autoincrement=True,
     )
     with op.batch_alter_table("subscriptions", schema=None) as batch_op:
         batch_op.create_index(
@@ -259,6 +267,7 @@ def upgrade() -> None:
         sa.UniqueConstraint(
             "message_id", "channel_id", "subscriber_id", name=op.f("uq_deliveries_message_id")
         ),
+        sqlite_autoincrement=True,
     )
     with op.batch_alter_table("deliveries", schema=None) as batch_op:
         batch_op.create_index(
@@ -331,6 +340,7 @@ def upgrade() -> None:
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_outbox")),
         sa.UniqueConstraint("message_id", "channel_id", name=op.f("uq_outbox_message_id")),
+        sqlite_autoincrement=True,
     )
     with op.batch_alter_table("outbox", schema=None) as batch_op:
         batch_op.create_index(
@@ -370,6 +380,7 @@ def upgrade() -> None:
         sa.UniqueConstraint(
             "delivery_id", "attempt", name=op.f("uq_delivery_attempts_delivery_id")
         ),
+        sqlite_autoincrement=True,
     )
 
 
