@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 
 from channels_core import db
 from channels_core.dispatch import Batch, get_dispatcher
@@ -167,7 +167,13 @@ async def _requeue(where: list[Any]) -> list[DeliveryView]:
         rows = list(
             await s.scalars(
                 select(DeliveryRow)
-                .where(*where, DeliveryRow.status != DeliveryStatus.DELIVERED)
+                .where(
+                    *where,
+                    DeliveryRow.status != DeliveryStatus.DELIVERED,
+                    # A batch delivering it now keeps its claim: breaking it
+                    # would let a second worker send it in parallel.
+                    or_(DeliveryRow.claimed_until.is_(None), DeliveryRow.claimed_until < now),
+                )
                 .with_for_update()
             )
         )
@@ -215,7 +221,11 @@ async def retry(delivery_id: int) -> DeliveryView:
         raise ValidationError(f"delivery {delivery_id} is already delivered")
     views = await _requeue([DeliveryRow.id == delivery_id])
     if not views:
-        raise ValidationError(f"delivery {delivery_id} is already delivered")
+        async with db.session() as s:
+            row = await s.get(DeliveryRow, delivery_id)
+        if row is not None and row.status == DeliveryStatus.DELIVERED:
+            raise ValidationError(f"delivery {delivery_id} is already delivered")
+        raise ValidationError(f"delivery {delivery_id} is being attempted now; try again later")
     return views[0]
 
 

@@ -29,7 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from channels_core import db
 from channels_core.dispatch import Batch, RouteJob, get_dispatcher
-from channels_core.errors import ConfigurationError, NotFoundError
+from channels_core.errors import ConfigurationError, NotFoundError, ValidationError
 from channels_core.models import (
     AttemptRow,
     AttemptStatus,
@@ -54,6 +54,8 @@ __all__ = ["route", "deliver", "sweep", "RouteStats", "BatchStats", "SweepStats"
 log = logging.getLogger("channels.delivery")
 
 _NOT_FINAL = (DeliveryStatus.PENDING, DeliveryStatus.RETRYING)
+# The transport recorded for deliveries routed when none was available.
+NO_TRANSPORT = "none"
 
 
 @dataclass
@@ -113,7 +115,7 @@ async def route(job: RouteJob) -> RouteStats:
         transport = channel.get_egress_repository().resolve_name()
         error = None
     except ConfigurationError as exc:
-        transport, error = "none", str(exc)
+        transport, error = NO_TRANSPORT, str(exc)
     stats.transport = transport
 
     last = 0
@@ -325,8 +327,13 @@ async def deliver(batch: Batch, claimant: str) -> BatchStats:
     started = time.perf_counter()
     recipients: list[Principal] = []
     results: dict[int, TransportResult] = {}
+    resolved: str | None = None
     try:
         message, channel, principals = await _load(batch, [sid for _, sid, _, _ in claimed])
+        if transport_name == NO_TRANSPORT:
+            # Routed while no transport was available; a replay resolves afresh.
+            transport_name = channel.get_egress_repository().resolve_name()
+            resolved = transport_name
         transport = egress_registry.get(transport_name or "")
         await _ensure_generated_aliases(transport, principals)
         await _attach_thread(message, batch, principals)
@@ -351,7 +358,7 @@ async def deliver(batch: Batch, claimant: str) -> BatchStats:
                     principal.id,
                     f"transport {transport_name!r} returned no result for this subscriber",
                 )
-    except (NotFoundError, ValueError, ImportError) as exc:
+    except (NotFoundError, ValidationError, ConfigurationError, ValueError, ImportError) as exc:
         for delivery_id, subscriber_id, _, _ in claimed:
             results.setdefault(
                 delivery_id, TransportResult.failed(subscriber_id, str(exc), permanent=True)
@@ -384,6 +391,8 @@ async def deliver(batch: Batch, claimant: str) -> BatchStats:
             "claimed_until": None,
             "updated_at": finished_at,
         }
+        if resolved:
+            change["transport"] = resolved
         if result.success:
             status = AttemptStatus.DELIVERED
             change.update(
@@ -419,7 +428,7 @@ async def deliver(batch: Batch, claimant: str) -> BatchStats:
             {
                 "delivery_id": delivery_id,
                 "attempt": number,
-                "transport": transport_name or "none",
+                "transport": transport_name or NO_TRANSPORT,
                 "status": status,
                 "status_code": result.status_code,
                 "error": error,

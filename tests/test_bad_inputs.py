@@ -10,11 +10,6 @@ from typing import Any
 
 import pytest
 from _support import override_settings, principal_with, table_counts, unchanged
-from _workarounds import (  # noqa: F401
-    _channels_home_searchable,
-    _database_workarounds,
-    _dispose_at_exit,
-)
 
 from channels_core.dispatch import MemoryDispatcher
 from channels_core.errors import (

@@ -13,11 +13,6 @@ from typing import Any
 
 import sqlalchemy as sa
 from _support import override_settings
-from _workarounds import (  # noqa: F401
-    _channels_home_searchable,
-    _database_workarounds,
-    _dispose_at_exit,
-)
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 

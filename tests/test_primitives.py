@@ -7,11 +7,6 @@ from collections.abc import Sequence
 
 import pytest
 from _support import principal_with, table_counts
-from _workarounds import (  # noqa: F401
-    _channels_home_searchable,
-    _database_workarounds,
-    _dispose_at_exit,
-)
 from sqlalchemy import select
 
 from channels_core import db

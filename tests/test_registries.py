@@ -12,11 +12,6 @@ from pathlib import Path
 
 import pytest
 from _support import override_settings, registry_state
-from _workarounds import (  # noqa: F401
-    _channels_home_searchable,
-    _database_workarounds,
-    _dispose_at_exit,
-)
 from sqlalchemy import update
 
 from channels_core import db

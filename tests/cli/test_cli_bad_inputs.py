@@ -22,10 +22,25 @@ def world(cli_db: str, run_cli: Cli) -> None:
     """Channel 1; role 1 'member' (submit, subscribe); principal 1 alice
     (member, subscribed to channel 1); principal 2 bob (no roles)."""
     run_cli.ok("channel", "create", "General")
-    run_cli.ok("role", "create", "member", "--permission", "channel.submit",
-               "--permission", "channel.subscribe")
-    run_cli.ok("principal", "create", "--username", "alice", "--email", "alice@example.com",
-               "--role", "member")
+    run_cli.ok(
+        "role",
+        "create",
+        "member",
+        "--permission",
+        "channel.submit",
+        "--permission",
+        "channel.subscribe",
+    )
+    run_cli.ok(
+        "principal",
+        "create",
+        "--username",
+        "alice",
+        "--email",
+        "alice@example.com",
+        "--role",
+        "member",
+    )
     run_cli.ok("principal", "create", "--username", "bob")
     run_cli.ok("channel", "subscribe", "1", "1")
 
@@ -42,24 +57,33 @@ BAD_INPUTS: list[tuple[list[str], int, str]] = [
     (["principal", "grant", "99", "member"], 1, "principal 99 not found"),
     (["principal", "grant", "2", "ghost"], 1, "role 'ghost' not found"),
     (["principal", "grant", "2", "42"], 1, "role 42 not found"),
-    (["principal", "create", "--username", "carol", "--role", "ghost"], 1,
-     "role 'ghost' not found"),
+    (
+        ["principal", "create", "--username", "carol", "--role", "ghost"],
+        1,
+        "role 'ghost' not found",
+    ),
     # duplicates and states that do not hold
     (["channel", "subscribe", "1", "1"], 1, "principal 1 is already subscribed to channel 1"),
-    (["channel", "unsubscribe", "1", "2"], 1,
-     "subscription of principal 2 to channel 1 not found"),
-    (["principal", "create", "--username", "alice"], 1,
-     "username 'alice' is taken by principal 1"),
-    (["role", "create", "member", "--permission", "channel.manage"], 1,
-     "role 'member' already exists (id 1)"),
+    (["channel", "unsubscribe", "1", "2"], 1, "subscription of principal 2 to channel 1 not found"),
+    (["principal", "create", "--username", "alice"], 1, "username 'alice' is taken by principal 1"),
+    (
+        ["role", "create", "member", "--permission", "channel.manage"],
+        1,
+        "role 'member' already exists (id 1)",
+    ),
     (["principal", "revoke", "2", "member"], 1, "principal 2 does not have role 'member'"),
     # malformed values the domain refuses
-    (["principal", "create", "--email", "not-an-email"], 1,
-     "email 'not-an-email' is not an email address"),
-    (["principal", "create", "--alias", "endpoint=ftp://x"], 1,
-     "endpoint 'ftp://x' must use http or https"),
-    (["principal", "create", "--alias", "endpoint=https://"], 1,
-     "endpoint 'https://' has no host"),
+    (
+        ["principal", "create", "--email", "not-an-email"],
+        1,
+        "email 'not-an-email' is not an email address",
+    ),
+    (
+        ["principal", "create", "--alias", "endpoint=ftp://x"],
+        1,
+        "endpoint 'ftp://x' must use http or https",
+    ),
+    (["principal", "create", "--alias", "endpoint=https://"], 1, "endpoint 'https://' has no host"),
     (["principal", "create", "--alias", "email=bob@"], 1, "email 'bob@' is not an email address"),
     (["principal", "create", "--alias", "queue=no spaces"], 1, "queue 'no spaces' must be"),
     (["principal", "create", "--alias", "Bad-Key=x"], 1, "alias key 'Bad-Key' must start"),
@@ -67,18 +91,33 @@ BAD_INPUTS: list[tuple[list[str], int, str]] = [
     (["channel", "create", ""], 1, "title must be a non-empty string"),
     (["channel", "create", "Two\nLines"], 1, "title must not contain CR, LF or NUL characters"),
     (["channel", "create", "Ops", "--egress", "smtp"], 1, "unknown egress transport 'smtp'"),
-    (["channel", "create", "Ops", "--egress", "htp"], 1,
-     "unknown egress transport 'htp' (did you mean 'http'?)"),
-    (["channel", "create", "Ops", "--ingress", "carrier-pigeon"], 1,
-     "unknown ingress transport 'carrier-pigeon'"),
+    (
+        ["channel", "create", "Ops", "--egress", "htp"],
+        1,
+        "unknown egress transport 'htp' (did you mean 'http'?)",
+    ),
+    (
+        ["channel", "create", "Ops", "--ingress", "carrier-pigeon"],
+        1,
+        "unknown ingress transport 'carrier-pigeon'",
+    ),
     (["role", "create", "poster", "--permission", ""], 1, "permission must be a non-empty string"),
     # missing permissions when acting as a principal
-    (["channel", "subscribe", "1", "2", "--as", "2"], 1,
-     "principal 2 lacks permission 'channel.subscribe' on channel 1"),
-    (["channel", "subscribe", "1", "2", "--as", "1"], 1,
-     "principal 1 lacks permission 'channel.manage' on channel 1"),
-    (["channel", "unsubscribe", "1", "1", "--as", "2"], 1,
-     "principal 2 lacks permission 'channel.manage' on channel 1"),
+    (
+        ["channel", "subscribe", "1", "2", "--as", "2"],
+        1,
+        "principal 2 lacks permission 'channel.subscribe' on channel 1",
+    ),
+    (
+        ["channel", "subscribe", "1", "2", "--as", "1"],
+        1,
+        "principal 1 lacks permission 'channel.manage' on channel 1",
+    ),
+    (
+        ["channel", "unsubscribe", "1", "1", "--as", "2"],
+        1,
+        "principal 2 lacks permission 'channel.manage' on channel 1",
+    ),
     (["channel", "subscribe", "1", "2", "--as", "99"], 1, "principal 99 not found"),
     # usage errors: found before anything is read
     (["channel", "subscribe", "one", "1"], 2, "'one' is not an id (a positive integer)"),

@@ -63,8 +63,16 @@ def test_empty_listings(cli_db: str, run_cli: Cli) -> None:
 def test_every_listing_prints_plain_json(cli_db: str, run_cli: Cli, tmp_path: Path) -> None:
     run_cli.ok("channel", "create", "General Chat")
     run_cli.ok("role", "create", "member", "--permission", "channel.submit")
-    run_cli.ok("principal", "create", "--username", "alice", "--role", "member",
-               "--alias", "webhook_secret=whsec_dGVzdA==")
+    run_cli.ok(
+        "principal",
+        "create",
+        "--username",
+        "alice",
+        "--role",
+        "member",
+        "--alias",
+        "webhook_secret=whsec_dGVzdA==",
+    )
     run_cli.ok("channel", "subscribe", "1", "1")
     for command in (
         ["channel", "list"],
@@ -88,8 +96,14 @@ def test_every_listing_prints_plain_json(cli_db: str, run_cli: Cli, tmp_path: Pa
 def test_subscribe_list_and_unsubscribe(cli_db: str, run_cli: Cli) -> None:
     run_cli.ok("channel", "create", "General Chat")
     run_cli.ok(
-        "principal", "create", "--username", "alice", "--email", "alice@example.com",
-        "--alias", "endpoint=https://example.com/hooks/alice",
+        "principal",
+        "create",
+        "--username",
+        "alice",
+        "--email",
+        "alice@example.com",
+        "--alias",
+        "endpoint=https://example.com/hooks/alice",
     )
     run_cli.ok("principal", "create", "--kind", "bot", "--alias", "queue=bots.inbox")
 
@@ -100,8 +114,14 @@ def test_subscribe_list_and_unsubscribe(cli_db: str, run_cli: Cli) -> None:
 
     rows = run_cli.rows(run_cli.ok("channel", "list-subscribers", "1").stdout)
     assert rows[0] == ["ID", "Kind", "Username", "Email", "Endpoint", "Queue"]
-    assert rows[1] == ["1", "user", "alice", "alice@example.com",
-                       "https://example.com/hooks/alice", "-"]
+    assert rows[1] == [
+        "1",
+        "user",
+        "alice",
+        "alice@example.com",
+        "https://example.com/hooks/alice",
+        "-",
+    ]
     assert rows[2] == ["2", "bot", "-", "-", "-", "bots.inbox"]
 
     subscribers = run_cli.json("channel", "list-subscribers", "1", "--json")
@@ -114,9 +134,7 @@ def test_subscribe_list_and_unsubscribe(cli_db: str, run_cli: Cli) -> None:
     ]
     assert [s["id"] for s in run_cli.json("channel", "list-subscribers", "1", "--json")] == [2]
     run_cli.ok("channel", "unsubscribe", "1", "2")
-    assert run_cli.ok("channel", "list-subscribers", "1").lines == [
-        "Channel 1 has no subscribers."
-    ]
+    assert run_cli.ok("channel", "list-subscribers", "1").lines == ["Channel 1 has no subscribers."]
 
 
 def test_subscribe_as_a_principal_is_checked(cli_db: str, run_cli: Cli) -> None:
@@ -137,12 +155,30 @@ def test_subscribe_as_a_principal_is_checked(cli_db: str, run_cli: Cli) -> None:
 
 
 def test_principal_create_list_and_show(cli_db: str, run_cli: Cli) -> None:
-    run_cli.ok("role", "create", "member", "--permission", "channel.submit",
-               "--permission", "channel.subscribe")
+    run_cli.ok(
+        "role",
+        "create",
+        "member",
+        "--permission",
+        "channel.submit",
+        "--permission",
+        "channel.subscribe",
+    )
     out = run_cli.ok(
-        "principal", "create", "--kind", "user", "--username", "alice",
-        "--email", "alice@example.com", "--alias", "endpoint=https://example.com/a?x=1",
-        "--alias", "webhook_secret=whsec_c2VjcmV0", "--role", "member",
+        "principal",
+        "create",
+        "--kind",
+        "user",
+        "--username",
+        "alice",
+        "--email",
+        "alice@example.com",
+        "--alias",
+        "endpoint=https://example.com/a?x=1",
+        "--alias",
+        "webhook_secret=whsec_c2VjcmV0",
+        "--role",
+        "member",
     )
     assert out.lines == ["✓ Principal created: alice (ID: 1)"]
     run_cli.ok("principal", "create", "--kind", "bot", "--alias", "name=Notifier")
@@ -161,8 +197,14 @@ def test_principal_create_list_and_show(cli_db: str, run_cli: Cli) -> None:
 
     table = run_cli.rows(run_cli.ok("principal", "list").stdout)
     assert table[0] == ["ID", "Kind", "Username", "Email", "Roles", "Endpoint"]
-    assert table[1] == ["1", "user", "alice", "alice@example.com", "member",
-                        "https://example.com/a?x=1"]
+    assert table[1] == [
+        "1",
+        "user",
+        "alice",
+        "alice@example.com",
+        "member",
+        "https://example.com/a?x=1",
+    ]
 
     shown = run_cli.json("principal", "show", "1", "--json")
     assert isinstance(shown, dict)
@@ -182,18 +224,26 @@ def test_principal_create_list_and_show(cli_db: str, run_cli: Cli) -> None:
 
 
 def test_principal_label_falls_back_to_a_name(cli_db: str, run_cli: Cli) -> None:
-    assert run_cli.ok("principal", "create", "--kind", "bot", "--alias",
-                      "name=Notification Bot").lines == [
-        "✓ Principal created: Notification Bot (ID: 1)"
-    ]
+    assert run_cli.ok(
+        "principal", "create", "--kind", "bot", "--alias", "name=Notification Bot"
+    ).lines == ["✓ Principal created: Notification Bot (ID: 1)"]
     assert run_cli.ok("principal", "create", "--kind", "service").lines == [
         "✓ Principal created: service (ID: 2)"
     ]
 
 
 def test_roles_and_grants(cli_db: str, run_cli: Cli) -> None:
-    out = run_cli.ok("role", "create", "member", "--permission", "channel.submit",
-                     "--permission", "channel.subscribe", "--permission", "channel.submit")
+    out = run_cli.ok(
+        "role",
+        "create",
+        "member",
+        "--permission",
+        "channel.submit",
+        "--permission",
+        "channel.subscribe",
+        "--permission",
+        "channel.submit",
+    )
     assert out.lines == ["✓ Role created: member (ID: 1) with channel.submit, channel.subscribe"]
     # An existing permission row is reused, not duplicated.
     run_cli.ok("role", "create", "poster", "--permission", "channel.submit")
@@ -202,7 +252,9 @@ def test_roles_and_grants(cli_db: str, run_cli: Cli) -> None:
         {"id": 2, "title": "poster", "permissions": ["channel.submit"]},
     ]
     assert run_cli.rows(run_cli.ok("role", "list").stdout)[1] == [
-        "1", "member", "channel.submit, channel.subscribe"
+        "1",
+        "member",
+        "channel.submit, channel.subscribe",
     ]
 
     run_cli.ok("principal", "create", "--username", "bob")
@@ -338,8 +390,11 @@ def test_dev_status_and_stop_a_recorded_server(dev_home: Path, run_cli: Cli) -> 
     try:
         dev_home.mkdir(parents=True, exist_ok=True)
         record = {
-            "name": "valkey", "pid": proc.pid, "port": 6399,
-            "url": "redis://127.0.0.1:6399/0", "data_dir": str(dev_home / "valkey"),
+            "name": "valkey",
+            "pid": proc.pid,
+            "port": 6399,
+            "url": "redis://127.0.0.1:6399/0",
+            "data_dir": str(dev_home / "valkey"),
         }
         (dev_home / "state.json").write_text(json.dumps({"valkey": record}))
 

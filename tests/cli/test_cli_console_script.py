@@ -57,14 +57,28 @@ def test_seed_cli_scenario(cli_db: str, tmp_path: Path) -> None:
     assert sh.ok("channel", "create", "Support", "--ingress", "http", "--egress", "websocket") == [
         "✓ Channel created: Support (ID: 2)"
     ]
-    assert sh.ok("role", "create", "member", "--permission", "channel.submit",
-                 "--permission", "channel.subscribe") == [
-        "✓ Role created: member (ID: 1) with channel.submit, channel.subscribe"
-    ]
     assert sh.ok(
-        "principal", "create", "--kind", "user", "--username", "alice",
-        "--email", "alice@example.com", "--alias", "endpoint=https://example.com/hooks/alice",
-        "--role", "member",
+        "role",
+        "create",
+        "member",
+        "--permission",
+        "channel.submit",
+        "--permission",
+        "channel.subscribe",
+    ) == ["✓ Role created: member (ID: 1) with channel.submit, channel.subscribe"]
+    assert sh.ok(
+        "principal",
+        "create",
+        "--kind",
+        "user",
+        "--username",
+        "alice",
+        "--email",
+        "alice@example.com",
+        "--alias",
+        "endpoint=https://example.com/hooks/alice",
+        "--role",
+        "member",
     ) == ["✓ Principal created: alice (ID: 1)"]
 
     assert sh.ok("channel", "subscribe", "1", "1") == [
@@ -97,7 +111,9 @@ def test_seed_cli_scenario(cli_db: str, tmp_path: Path) -> None:
 
     unknown = sh("channel", "subscribe", "99", "1")
     assert (unknown.returncode, unknown.stdout, unknown.stderr) == (
-        1, "", "Error: channel 99 not found\n"
+        1,
+        "",
+        "Error: channel 99 not found\n",
     )
     usage = sh("channel", "subscribe", "abc", "1")
     assert usage.returncode == 2
@@ -135,7 +151,9 @@ def test_invalid_settings_are_one_clear_line(tmp_path: Path) -> None:
 def test_module_entry_point(argv: list[str], tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "channels_cli", *argv],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
         env={**os.environ, "CHANNELS_HOME": str(tmp_path)},
     )
     assert done.returncode == 0, done.stderr

@@ -9,9 +9,3 @@ implicit (``user``, ``channel``) is built with the same API first.
 """
 
 from __future__ import annotations
-
-from _workarounds import (  # noqa: F401
-    _channels_home_searchable,
-    _database_workarounds,
-    _dispose_at_exit,
-)

@@ -6,7 +6,6 @@ commands), "Installation" (pip commands).
 
 from __future__ import annotations
 
-import pytest
 from _support import principal_with, registry_state, table_counts
 
 from channels_core.dispatch import MemoryDispatcher, RouteJob
