@@ -106,6 +106,35 @@ for _command in (deliveries, dead_letters_command, retry_command, replay_command
     cli.add_command(_command)
 
 
+def _discover() -> None:
+    """Add commands from every other ``channels_cli/commands_*.py`` module.
+
+    Such a module lists ``COMMANDS`` (top-level commands) and may give
+    ``GROUP_COMMANDS`` (``{"principal": [...]}``) to extend a group. A module
+    must keep heavy imports (FastAPI, websockets, Flower) inside its
+    functions, so ``channels --help`` stays fast.
+    """
+    import importlib
+    import pkgutil
+
+    import channels_cli
+
+    for info in pkgutil.iter_modules(channels_cli.__path__):
+        if not info.name.startswith("commands_"):
+            continue
+        module = importlib.import_module(f"channels_cli.{info.name}")
+        for command in getattr(module, "COMMANDS", ()):
+            cli.add_command(command)
+        for group_name, commands in getattr(module, "GROUP_COMMANDS", {}).items():
+            group = cli.commands[group_name]
+            assert isinstance(group, click.Group)
+            for command in commands:
+                group.add_command(command)
+
+
+_discover()
+
+
 def main() -> None:
     """The console script's entry point."""
     cli(prog_name="channels")

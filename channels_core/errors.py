@@ -2,6 +2,7 @@
 
     ChannelsError
      ├── NotFoundError              an id that names nothing
+     ├── AuthenticationError        no, unknown or revoked credentials
      ├── PermissionDeniedError      the principal lacks a permission
      ├── ValidationError            a value the domain refuses
      │    └── ContentTooLargeError  content over CHANNELS_MAX_CONTENT_BYTES
@@ -19,6 +20,7 @@ the edge with ``raise ... from exc`` so callers catch one family.
 from __future__ import annotations
 
 __all__ = [
+    "AuthenticationError",
     "ChannelsError",
     "ConfigurationError",
     "ConflictError",
@@ -44,6 +46,10 @@ class NotFoundError(ChannelsError):
         self.kind = kind
         self.ident = ident
         super().__init__(f"{kind} {ident} not found")
+
+
+class AuthenticationError(ChannelsError):
+    """No credentials, or credentials that name nobody (unknown or revoked)."""
 
 
 class PermissionDeniedError(ChannelsError):

@@ -52,6 +52,8 @@ __all__ = [
     "OutboxRow",
     "DeliveryRow",
     "AttemptRow",
+    "TokenRow",
+    "IdempotencyRow",
     "DeliveryStatus",
     "AttemptStatus",
     "utcnow",
@@ -325,3 +327,35 @@ class AttemptRow(Base):
     latency_ms: Mapped[float | None] = mapped_column()
     started_at: Mapped[datetime] = mapped_column()
     finished_at: Mapped[datetime] = mapped_column()
+
+
+class TokenRow(Base):
+    """An API token: only its SHA-256 is stored; the token is shown once."""
+
+    __tablename__ = "api_tokens"
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    principal_id: Mapped[int] = mapped_column(
+        Id, ForeignKey("principals.id", ondelete="CASCADE"), index=True
+    )
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    # The first characters, so an operator can tell tokens apart.
+    prefix: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column()
+    last_used_at: Mapped[datetime | None] = mapped_column()
+
+
+class IdempotencyRow(Base):
+    """An ingress idempotency key: the same key and body give the same message."""
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (UniqueConstraint("principal_id", "key"), {"sqlite_autoincrement": True})
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    principal_id: Mapped[int] = mapped_column(Id, ForeignKey("principals.id", ondelete="CASCADE"))
+    key: Mapped[str] = mapped_column(String(255))
+    request_hash: Mapped[str] = mapped_column(String(64))
+    message_id: Mapped[int] = mapped_column(Id, ForeignKey("messages.id", ondelete="CASCADE"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
