@@ -67,6 +67,22 @@ class Settings(BaseSettings):
     thread_depth_limit: int = 1000
 
     flower_basic_auth: str | None = None
+    flower_port: int = 5555
+
+    # HTTP ingress (``channels ingress``).
+    ingress_host: str = "127.0.0.1"
+    ingress_port: int = 8000
+    # WebSocket gateway (``channels gateway``).
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = 8765
+    gateway_ack_timeout: float = 5.0
+    ws_presence_ttl: float = 30.0
+    ws_max_queue_bytes: int = 1048576
+    ws_heartbeat: float = 20.0
+    # Worker-side Prometheus exporter; 0 leaves it off.
+    metrics_port: int = 0
+    # "text" or "json" (one JSON object per line, with message and delivery ids).
+    log_format: str = "text"
     # Loaded by name so the domain never imports the producer (see dispatch.py).
     dispatcher: str = "producer.broker:BrokerDispatcher"
 
