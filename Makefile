@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint clean dev-stop
+.PHONY: install run test lint clean dev-stop bench bench-quick
 
 install: $(STAMP)
 
@@ -25,6 +25,18 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check channels_core producer workers channels_cli tests
 	$(BIN)/mypy
+
+# Benchmarks are not part of `make test`: they take minutes and need a quiet machine.
+BENCH_STAMP := $(VENV)/.bench-stamp
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[test,bench]"
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(BIN)/python -m bench.run --runs 3
+
+bench-quick: $(BENCH_STAMP)
+	$(BIN)/python -m bench.run --quick
 
 dev-stop: $(STAMP)
 	$(BIN)/channels dev stop

@@ -32,7 +32,9 @@ async def setup(n: int, sink_port: int) -> tuple[int, Channel]:
     perm = await Permission.get_or_create(SUBMIT)
     role = await Role().set_title(f"bench-{stamp}").add_permission(perm.id).save()  # type: ignore[arg-type]
     author = await Principal("service").add_role(role.id).save()  # type: ignore[arg-type]
-    channel = await Channel().set_title(f"bench {stamp}").set_alias("egress_transport", "http").save()
+    channel = (
+        await Channel().set_title(f"bench {stamp}").set_alias("egress_transport", "http").save()
+    )
     # Secrets are set up front: the benchmark measures delivery, not first use.
     from channels_core.signing import new_secret
 
@@ -55,7 +57,8 @@ async def setup(n: int, sink_port: int) -> tuple[int, Channel]:
                 )
             )
             await s.execute(
-                insert(SubscriptionRow), [{"channel_id": channel.id, "subscriber_id": i} for i in ids]
+                insert(SubscriptionRow),
+                [{"channel_id": channel.id, "subscriber_id": i} for i in ids],
             )
     return author.id, channel  # type: ignore[return-value]
 
@@ -104,7 +107,9 @@ def main() -> int:
     migrate.upgrade()
     logs = Path(tempfile.mkdtemp(prefix="channels-bench-"))
     sink_port = free_port()
-    sink = Process("sink", [sys.executable, "-m", "bench.sink", str(sink_port)], {}, logs / "sink.log")
+    sink = Process(
+        "sink", [sys.executable, "-m", "bench.sink", str(sink_port)], {}, logs / "sink.log"
+    )
     env = {
         "CHANNELS_DATABASE_URL": database_url,
         "CHANNELS_BROKER_URL": broker_url,
@@ -116,7 +121,9 @@ def main() -> int:
         sink.wait_for_log("sink listening")
         for i in range(args.workers):
             workers.append(
-                start_worker(env, logs / f"worker{i}.log", concurrency=args.concurrency, name=f"bench{i}")
+                start_worker(
+                    env, logs / f"worker{i}.log", concurrency=args.concurrency, name=f"bench{i}"
+                )
             )
         for run in range(args.runs):
             elapsed, written = asyncio.run(run_once(args.subscribers, sink_port, args.timeout))
