@@ -1,5 +1,5 @@
-"""The installed ``channels`` console script, as a user runs it: a subprocess
-configured only through ``CHANNELS_*`` environment variables."""
+"""The seed's CLI examples, and the installed ``channels`` console script as a
+user runs it: a subprocess configured only through ``CHANNELS_*`` variables."""
 
 from __future__ import annotations
 
