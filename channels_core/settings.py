@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     http_deadline: float = 30.0
     http_max_response_bytes: int = 65536
     http_pool_size: int = 256
+    # How long a rotated-out webhook secret keeps signing beside the new one.
+    secret_overlap: float = 86400.0
     outbox_relay_after: float = 30.0
     # A task enqueued but not started within this is presumed lost (a broker
     # restart) and the sweeper enqueues another.

@@ -30,6 +30,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 
 from channels_core.errors import ValidationError
+from channels_core.secrets import signing_secrets
 from channels_core.settings import get_settings
 from channels_core.signing import new_secret, signature_headers
 from channels_core.ssrf import EgressBlocked, blocked_reason, check_address
@@ -204,7 +205,8 @@ class HttpEgress(EgressTransport):
                 check_address(str(literal))
         except (ValidationError, EgressBlocked) as exc:
             return TransportResult.failed(sid, str(exc), permanent=True)
-        secrets_ = [s for s in (subscriber.get_alias("webhook_secret") or "").split() if s]
+        # The current secret, and during a rotation's overlap the previous one too.
+        secrets_ = signing_secrets(subscriber.aliases)
         msg_id = webhook_id(subscriber.delivery_id, message.id, sid)
         headers = {"Content-Type": "application/json"}
         if secrets_:
