@@ -32,6 +32,13 @@ _EMAIL = re.compile(
 _CONTENT_TYPE = re.compile(r"^[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+$")
 _QUEUE = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
 _ALIAS_KEY = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+# Hosts made only of numbers (decimal, octal, hex): inet_aton would read
+# "2130706433", "0177.0.0.1" or "0x7f.1" as 127.0.0.1. Only the canonical
+# dotted quad is accepted, so the SSRF guard sees what will be dialled.
+_NUMERIC_HOST = re.compile(r"^(0x[0-9a-f]*|[0-9]+)(\.(0x[0-9a-f]*|[0-9]+)){0,3}\.?$", re.IGNORECASE)
+_CANONICAL_V4 = re.compile(
+    r"^(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(\.(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])){3}$"
+)
 
 
 def check_header_value(field: str, value: str) -> str:
@@ -93,6 +100,10 @@ def check_endpoint_url(value: object, field: str = "endpoint") -> str:
         raise ValidationError(f"{field} {value!r} must use http or https")
     if not parts.hostname:
         raise ValidationError(f"{field} {value!r} has no host")
+    if _NUMERIC_HOST.match(parts.hostname) and not _CANONICAL_V4.match(parts.hostname):
+        raise ValidationError(
+            f"{field} {value!r}: host {parts.hostname!r} is not a canonical IPv4 address"
+        )
     if parts.username or parts.password:
         raise ValidationError(f"{field} {value!r} must not carry credentials")
     if port == 0:

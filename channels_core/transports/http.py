@@ -230,6 +230,9 @@ class HttpEgress(EgressTransport):
                     sid, str(exc.os_error), permanent=True, latency_ms=latency
                 )
             return TransportResult.failed(sid, f"connection failed: {exc}", latency_ms=latency)
+        except aiohttp.InvalidURL as exc:
+            # The URL will not get better by waiting.
+            return TransportResult.failed(sid, f"invalid endpoint URL: {exc}", permanent=True)
         except TimeoutError:
             latency = (time.perf_counter() - started) * 1000
             return TransportResult.failed(
