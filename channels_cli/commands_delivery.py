@@ -8,11 +8,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
+import time
 from typing import Any
 
 import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from channels_cli.output import note, print_json, print_table, success
 from channels_cli.runtime import ID, run
@@ -23,7 +27,7 @@ from channels_core.deliveries import (
     replay,
     retry,
 )
-from channels_core.errors import PermissionDeniedError
+from channels_core.errors import DispatchTimeout, PermissionDeniedError
 from channels_core.names import ALL_QUEUES
 from channels_core.permissions import SUBMIT
 from channels_core.primitives import Channel, Message
@@ -40,6 +44,34 @@ __all__ = [
     "worker",
     "beat",
 ]
+
+
+async def _wait_with_progress(dispatch: Dispatch, timeout: float) -> list[TransportResult]:
+    """Poll until final, with a progress bar on stderr when it is a terminal."""
+    progress = Progress(
+        TextColumn("delivering"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+        disable=not sys.stderr.isatty(),
+    )
+    deadline = time.monotonic() + timeout
+    with progress:
+        task = progress.add_task("deliveries", total=None)
+        while True:
+            [result] = await dispatch.refresh()
+            done = result.delivered_count + result.failed_count
+            progress.update(task, completed=done, total=done + result.pending_count)
+            if result.final:
+                return [result]
+            if time.monotonic() >= deadline:
+                raise DispatchTimeout(
+                    f"message {dispatch.message_id}: {result.pending_count} deliveries "
+                    f"still pending after {timeout:g}s"
+                )
+            await asyncio.sleep(0.1)
 
 
 def _result_line(result: TransportResult) -> str:
@@ -71,9 +103,9 @@ async def _send(
     message.set_content_type(content_type)
     message.set_reply_to_id(reply_to).set_conversation_id(conversation)
     dispatch = await message.send(target)
-    results = (
-        await dispatch.wait(timeout=timeout) if wait and dispatch.accepted else dispatch.results
-    )
+    results = dispatch.results
+    if wait and dispatch.accepted:
+        results = await _wait_with_progress(dispatch, timeout)
     return message, dispatch, results
 
 

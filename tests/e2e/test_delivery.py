@@ -229,3 +229,33 @@ async def test_seed_flow_reports_delivered_count_and_refuses_without_permission(
         queued = await s.scalar(select(func.count()).where(OutboxRow.message_id == denied.id))
     assert queued == 0
     assert sum(1 for r in live.http.received if r.json()["data"]["message_id"] == denied.id) == 0
+
+
+async def test_cli_send_wait_reports_final_results(live: Stack) -> None:
+    t = tag()
+    sender, ch = await author(), await channel("http")
+    await subscribers(ch, [{"endpoint": live.http.url(f"/{t}/{i}")} for i in range(2)])
+    sent = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "channels_cli.main",
+            "channel",
+            "send",
+            str(ch.id),
+            f"from the CLI {t}",
+            "--author-id",
+            str(sender.id),
+            "--wait",
+            "--timeout",
+            "60",
+        ],
+        env={**os.environ, **live.env},
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert sent.returncode == 0, sent.stderr
+    assert "Message sent (ID:" in sent.stdout
+    assert f"channel {ch.id}: delivered 2, failed 0, pending 0" in sent.stdout
+    assert len([r for r in live.http.received if r.path.startswith(f"/{t}/")]) == 2
