@@ -22,6 +22,7 @@ import socket
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -95,6 +96,24 @@ def classify_status(status: int) -> str:
     if status in (408, 429) or status >= 500:
         return "transient"
     return "permanent"
+
+
+@lru_cache(maxsize=4096)
+def _url_problem(url: str, allow_cidrs: str) -> str | None:
+    """Why ``url`` may not be posted to, checked once per URL and allow-list:
+    syntax, scheme, and an IP literal the guard refuses (hostnames are
+    checked at connect time, after DNS)."""
+    try:
+        check_endpoint_url(url)
+        host = urlsplit(url).hostname or ""
+        try:
+            literal = ipaddress.ip_address(host)
+        except ValueError:
+            return None
+        check_address(str(literal))
+    except (ValidationError, EgressBlocked) as exc:
+        return str(exc)
+    return None
 
 
 class _GuardedResolver(AbstractResolver):
@@ -194,17 +213,9 @@ class HttpEgress(EgressTransport):
             return TransportResult.failed(
                 sid, f"subscriber {sid} has no 'endpoint' alias", permanent=True
             )
-        try:
-            check_endpoint_url(url)
-            host = urlsplit(url).hostname or ""
-            try:
-                literal = ipaddress.ip_address(host)
-            except ValueError:
-                literal = None
-            if literal is not None:
-                check_address(str(literal))
-        except (ValidationError, EgressBlocked) as exc:
-            return TransportResult.failed(sid, str(exc), permanent=True)
+        problem = _url_problem(url, settings.egress_allow_cidrs)
+        if problem is not None:
+            return TransportResult.failed(sid, problem, permanent=True)
         # The current secret, and during a rotation's overlap the previous one too.
         secrets_ = signing_secrets(subscriber.aliases)
         msg_id = webhook_id(subscriber.delivery_id, message.id, sid)
@@ -215,14 +226,15 @@ class HttpEgress(EgressTransport):
             headers["webhook-id"] = msg_id
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(settings.http_deadline):
-                async with self._session().post(
-                    url, data=body, headers=headers, allow_redirects=False
-                ) as response:
-                    # Read at most the cap; the rest is never pulled off the socket.
-                    await response.content.read(settings.http_max_response_bytes)
-                    status = response.status
-                    retry_after = parse_retry_after(response.headers.get("Retry-After"))
+            # The session's ClientTimeout(total=http_deadline) bounds the whole
+            # exchange, body included, so a dripping server cannot stretch it.
+            async with self._session().post(
+                url, data=body, headers=headers, allow_redirects=False
+            ) as response:
+                # Read at most the cap; the rest is never pulled off the socket.
+                await response.content.read(settings.http_max_response_bytes)
+                status = response.status
+                retry_after = parse_retry_after(response.headers.get("Retry-After"))
         except aiohttp.ClientConnectorError as exc:
             latency = (time.perf_counter() - started) * 1000
             if isinstance(exc.os_error, EgressBlocked) or "refused to connect" in str(exc):
