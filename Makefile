@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint clean dev-stop bench bench-quick
+.PHONY: install run test lint clean dev-stop bench bench-quick flower flower-screenshot
 
 install: $(STAMP)
 
@@ -23,8 +23,16 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 lint: $(STAMP)
-	$(BIN)/ruff check channels_core producer workers channels_cli tests
+	$(BIN)/ruff check channels_core producer workers channels_cli tests scripts bench
 	$(BIN)/mypy
+
+# Flower on the embedded broker; needs CHANNELS_FLOWER_BASIC_AUTH=user:password.
+flower: $(STAMP)
+	$(BIN)/channels flower
+
+# artifacts/flower-tasks.png; needs Chromium (apt-get install chromium).
+flower-screenshot: $(STAMP)
+	$(BIN)/python scripts/flower_screenshot.py
 
 # Benchmarks are not part of `make test`: they take minutes and need a quiet machine.
 BENCH_STAMP := $(VENV)/.bench-stamp

@@ -27,7 +27,7 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from channels_core import db
+from channels_core import db, metrics
 from channels_core.dispatch import Batch, RouteJob, get_dispatcher
 from channels_core.errors import ConfigurationError, NotFoundError, ValidationError
 from channels_core.models import (
@@ -365,7 +365,10 @@ async def deliver(batch: Batch, claimant: str) -> BatchStats:
             )
     except Exception as exc:  # a transport bug must not lose the batch: retry it
         log.exception(
-            "transport %s failed on batch of message %s", transport_name, batch.message_id
+            "transport %s failed on batch of message %s",
+            transport_name,
+            batch.message_id,
+            extra=_batch_context(batch, [c[0] for c in claimed]),
         )
         for delivery_id, subscriber_id, _, _ in claimed:
             results.setdefault(
@@ -441,6 +444,7 @@ async def deliver(batch: Batch, claimant: str) -> BatchStats:
     async with db.session() as s, s.begin():
         await s.execute(_insert(s, AttemptRow).on_conflict_do_nothing(), attempt_rows)
         await _write_states(s, updates)
+    _observe(batch, transport_name or NO_TRANSPORT, attempt_rows, updates, stats, elapsed_ms)
     dispatcher = get_dispatcher()
     for delay, ids in soon.items():
         for chunk in _chunks(ids, settings.batch_size):
@@ -448,6 +452,76 @@ async def deliver(batch: Batch, claimant: str) -> BatchStats:
                 [Batch(batch.message_id, batch.channel_id, chunk)], delay
             )
     return stats
+
+
+# -- observability: metrics and log lines of a batch (channels_core.metrics, .logs) ----------
+
+
+def _batch_context(batch: Batch, delivery_ids: list[int]) -> dict[str, Any]:
+    """The ids every log line about a batch carries (CHANNELS_LOG_FORMAT=json keys)."""
+    return {
+        "message_id": batch.message_id,
+        "channel_id": batch.channel_id,
+        "delivery_ids": delivery_ids,
+    }
+
+
+def _observe(
+    batch: Batch,
+    transport: str,
+    attempt_rows: list[dict[str, Any]],
+    updates: list[dict[str, Any]],
+    stats: BatchStats,
+    elapsed_ms: float,
+) -> None:
+    """Record a written batch: in-memory metrics, one line for the batch, one per failure."""
+    metrics.record_batch(
+        transport,
+        [(row["status"], row["latency_ms"]) for row in attempt_rows],
+        seconds=elapsed_ms / 1000,
+        dead=stats.dead,
+        retrying=stats.retrying,
+    )
+    log.info(
+        "batch of message %s on channel %s via %s: %d delivered, %d retrying, %d dead",
+        batch.message_id,
+        batch.channel_id,
+        transport,
+        stats.delivered,
+        stats.retrying,
+        stats.dead,
+        extra={
+            **_batch_context(batch, [row["delivery_id"] for row in attempt_rows]),
+            "transport": transport,
+            "delivered": stats.delivered,
+            "retrying": stats.retrying,
+            "dead": stats.dead,
+            "skipped": stats.skipped,
+            "elapsed_ms": round(elapsed_ms, 3),
+        },
+    )
+    for change in updates:
+        if change.get("status") not in (DeliveryStatus.DEAD, DeliveryStatus.RETRYING):
+            continue
+        dead = change["status"] == DeliveryStatus.DEAD
+        log.log(
+            logging.WARNING if dead else logging.INFO,
+            "delivery %s of message %s %s: %s",
+            change["id"],
+            batch.message_id,
+            "is a dead letter" if dead else f"failed attempt {change['attempts']}, will retry",
+            change["last_error"],
+            extra={
+                "message_id": batch.message_id,
+                "channel_id": batch.channel_id,
+                "delivery_id": change["id"],
+                "transport": transport,
+                "attempt": change["attempts"],
+                "outcome": change["status"],
+                "reason": change["last_error"],
+                "status_code": change["last_status_code"],
+            },
+        )
 
 
 async def _write_states(s: AsyncSession, updates: list[dict[str, Any]]) -> None:

@@ -8,14 +8,24 @@ Settings that make delivery safe, each on purpose:
 - cancel long-running tasks on connection loss: with the connection gone
   their acks would be lost and the broker would redeliver them anyway.
 - task events on, so Flower shows every task by its readable name.
+
+With ``CHANNELS_LOG_FORMAT=json`` every log line of the worker and beat is
+one JSON object (``channels_core.logs``) carrying the running task's id.
+Importing this module also connects the worker's metrics exporter
+(``workers.metrics``, on when ``CHANNELS_METRICS_PORT`` is set).
 """
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 from celery import Celery
+from celery._state import get_current_task
+from celery.signals import after_setup_logger, after_setup_task_logger
 from kombu.entity import Queue
 
-from channels_core import embedded
+from channels_core import embedded, logs
 from channels_core.names import (
     ALL_QUEUES,
     DELIVER_QUEUE,
@@ -26,6 +36,7 @@ from channels_core.names import (
     SWEEP_TASK,
 )
 from channels_core.settings import get_settings
+from workers import metrics as _metrics  # noqa: F401  (connects the exporter to worker signals)
 
 __all__ = ["app"]
 
@@ -68,3 +79,21 @@ def make_app() -> Celery:
 
 
 app = make_app()
+
+
+# -- structured logs (CHANNELS_LOG_FORMAT=json) ----------------------------------------
+
+
+def _task_context() -> dict[str, Any]:
+    # Celery's own task formatter finds the running task the same way.
+    task = get_current_task()
+    if task is None or task.request.id is None:
+        return {}
+    return {"task_id": task.request.id, "task_name": task.name}
+
+
+@after_setup_logger.connect
+@after_setup_task_logger.connect
+def _json_logs(logger: logging.Logger, **_: Any) -> None:
+    if logs.wants_json(get_settings().log_format):
+        logs.use_json([logger], context=_task_context)
