@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint clean dev-stop bench bench-quick flower flower-screenshot
+.PHONY: install run test lint clean dev-stop bench bench-quick flower flower-screenshot fuzz
 
 install: $(STAMP)
 
@@ -25,6 +25,13 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check channels_core producer workers channels_cli tests scripts bench
 	$(BIN)/mypy
+
+# The schemathesis run against the live ingress's /openapi.json, at length
+# (make test runs a short one).
+FUZZ_EXAMPLES ?= 500
+fuzz: $(STAMP)
+	CHANNELS_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) CHANNELS_FUZZ_TIMEOUT=3600 \
+		$(BIN)/python -m pytest -q -p no:cacheprovider tests/ingress/test_ingress_fuzz.py
 
 # Flower on the embedded broker; needs CHANNELS_FLOWER_BASIC_AUTH=user:password.
 flower: $(STAMP)

@@ -15,11 +15,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
 from sqlalchemy import func, insert, select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from channels_core import db
 from channels_core.dispatch import RouteJob, get_dispatcher
@@ -39,7 +40,11 @@ from channels_core.primitives import Channel, Message
 from channels_core.settings import get_settings
 from channels_core.transports.base import TransportResult
 
-__all__ = ["Dispatch", "send_messages", "channel_results"]
+__all__ = ["Dispatch", "send_messages", "channel_results", "BeforeCommit"]
+
+# Runs inside send_messages' transaction after its writes: what it writes
+# commits with the messages and outbox entries, or not at all.
+BeforeCommit = Callable[[AsyncSession, Sequence[Message]], Awaitable[None]]
 
 log = logging.getLogger("channels.sending")
 
@@ -205,10 +210,18 @@ async def channel_results(
     return results
 
 
-async def send_messages(messages: Sequence[Message], channels: Sequence[Channel]) -> list[Dispatch]:
+async def send_messages(
+    messages: Sequence[Message],
+    channels: Sequence[Channel],
+    *,
+    before_commit: BeforeCommit | None = None,
+) -> list[Dispatch]:
     """Persist messages with their outbox entries in one transaction, then enqueue.
 
-    Returns one ``Dispatch`` per message, in order.
+    Returns one ``Dispatch`` per message, in order. ``before_commit(session,
+    messages)`` runs in that transaction after the writes (the HTTP ingress
+    stores idempotency keys there); if it raises, nothing is committed and
+    nothing is enqueued.
     """
     if not messages:
         return []
@@ -299,6 +312,8 @@ async def send_messages(messages: Sequence[Message], channels: Sequence[Channel]
                     )
                 entries.append(_Entry(c, outbox_id, result))
             plans.append((m, entries))
+        if before_commit is not None:
+            await before_commit(s, messages)
     if jobs:
         try:
             await get_dispatcher().enqueue_routes(jobs)

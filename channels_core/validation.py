@@ -61,7 +61,14 @@ def check_content(value: object) -> str:
         raise ValidationError(f"content must be a string, not {type(value).__name__}")
     if not value:
         raise ValidationError("content must not be empty")
-    size = len(value.encode("utf-8"))
+    # PostgreSQL text cannot hold NUL, and a lone surrogate is not UTF-8:
+    # refuse both here rather than fail in the driver.
+    if "\x00" in value:
+        raise ValidationError("content must not contain NUL characters")
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise ValidationError("content is not valid Unicode (it holds a lone surrogate)") from exc
     limit = get_settings().max_content_bytes
     if size > limit:
         raise ContentTooLargeError(size, limit)

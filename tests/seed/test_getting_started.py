@@ -6,7 +6,7 @@ database is ``CHANNELS_DATABASE_URL``, exercised by every test),
 "WebSocket Server Setup" and the ``transport.register_connection(...)`` line
 of "Subscriber Requirements" (the WebSocket transport has no connection
 registry yet: ``channels_core/transports/websocket.py`` defines no
-``register_connection``; the gateway is a later issue).
+``register_connection``; the gateway (``channels gateway``) holds the sockets).
 """
 
 from __future__ import annotations
@@ -590,7 +590,7 @@ async def test_getting_started_service_integration(database: str) -> None:
 
 async def receive_message(channel_id: int, data: dict[str, Any]) -> Any:
     """The guide's FastAPI handler, without FastAPI (channels_core has no web
-    framework; the real ingress is a later issue): the same body."""
+    framework; the real one is `channels ingress`, producer/ingress.py): the same body."""
     # Load channel
     channels = ChannelRegistry()
     channel = await channels.get(channel_id)
