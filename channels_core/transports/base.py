@@ -33,7 +33,23 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from channels_core.primitives import Channel, Message, Principal
 
-__all__ = ["EgressTransport", "IngressTransport", "TransportResult"]
+__all__ = ["EgressTransport", "IngressTransport", "TransportResult", "event_data"]
+
+
+def event_data(message: Message, channel: Channel) -> dict[str, Any]:
+    """The ``data`` of a ``message.created`` event, as webhooks and queue
+    envelopes carry it: one shape, so a receiver can read either."""
+    return {
+        "message_id": message.id,
+        "channel_id": channel.id,
+        "channel": channel.title,
+        "author_id": message.author_id,
+        "content": message.content,
+        "content_type": message.content_type,
+        "reply_to_id": message.reply_to_id,
+        "conversation_id": message.conversation_id,
+        "references": message.references,
+    }
 
 
 @dataclass

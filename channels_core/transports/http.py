@@ -35,7 +35,7 @@ from channels_core.secrets import signing_secrets
 from channels_core.settings import get_settings
 from channels_core.signing import new_secret, signature_headers
 from channels_core.ssrf import EgressBlocked, blocked_reason, check_address
-from channels_core.transports.base import EgressTransport, TransportResult
+from channels_core.transports.base import EgressTransport, TransportResult, event_data
 from channels_core.validation import check_endpoint_url
 
 if TYPE_CHECKING:
@@ -58,17 +58,7 @@ def webhook_payload(message: Message, channel: Channel) -> bytes:
     body = {
         "type": "message.created",
         "timestamp": created.isoformat(),
-        "data": {
-            "message_id": message.id,
-            "channel_id": channel.id,
-            "channel": channel.title,
-            "author_id": message.author_id,
-            "content": message.content,
-            "content_type": message.content_type,
-            "reply_to_id": message.reply_to_id,
-            "conversation_id": message.conversation_id,
-            "references": message.references,
-        },
+        "data": event_data(message, channel),
     }
     return json.dumps(body, separators=(",", ":")).encode()
 

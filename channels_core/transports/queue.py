@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from channels_core.errors import ValidationError
-from channels_core.transports.base import EgressTransport, TransportResult
+from channels_core.transports.base import EgressTransport, TransportResult, event_data
 from channels_core.validation import check_queue_name
 
 if TYPE_CHECKING:
@@ -37,16 +37,7 @@ def envelope(message: Message, channel: Channel, subscriber: Principal) -> dict[
         "timestamp": (message.created_at or datetime.now(UTC)).isoformat(),
         "delivery_id": subscriber.delivery_id,
         "subscriber_id": subscriber.id,
-        "data": {
-            "message_id": message.id,
-            "channel_id": channel.id,
-            "channel": channel.title,
-            "author_id": message.author_id,
-            "content": message.content,
-            "content_type": message.content_type,
-            "reply_to_id": message.reply_to_id,
-            "conversation_id": message.conversation_id,
-        },
+        "data": event_data(message, channel),
     }
 
 
