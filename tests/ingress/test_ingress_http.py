@@ -661,3 +661,37 @@ async def test_concurrent_identical_submissions_make_one_message(
             ).all()
         )
     assert per_message == {m: 1 for m in message_ids}
+
+
+def _counter(text: str, name: str, **labels: str) -> float:
+    """The value of one sample of a Prometheus text exposition (0 when absent)."""
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name + "{"):
+            continue
+        sample, _, value = line.rpartition(" ")
+        got = ",".join(sorted(sample[len(name) + 1 : -1].split(",")))
+        if got == want:
+            return float(value)
+    return 0.0
+
+
+async def test_metrics_show_the_attempt_counters_moving_after_a_delivery(
+    api: httpx.AsyncClient, live: Stack
+) -> None:
+    t = tag()
+    sender, channel = await submitter(), await http_channel()
+    await subscribers(channel, [{"endpoint": live.http.url(f"/{t}/{i}")} for i in range(3)])
+    before = await api.get("/metrics")
+    assert before.status_code == 200
+    start = _counter(before.text, "channels_attempts_total", transport="http", status="delivered")
+
+    response = await api.post(
+        f"/channels/{channel.id}/messages", headers=sender.headers, json={"content": t}
+    )
+    assert response.status_code == 201, response.text
+    await delivered(api, sender, response.json()["message_id"])
+
+    after = await api.get("/metrics")
+    end = _counter(after.text, "channels_attempts_total", transport="http", status="delivered")
+    assert end >= start + 3, (start, end)
