@@ -12,13 +12,26 @@ from typing import Any
 
 import click
 
-from channels_cli import lookups, output
+from channels_cli import output
 from channels_cli.runtime import ID, KEY_VALUE, run
+from channels_core import db
 from channels_core.errors import ConflictError, ValidationError
 from channels_core.permissions import ALL as BUILTIN_PERMISSIONS
+from channels_core.permissions import permissions_of
 from channels_core.primitives import Permission, Principal, Role
-from channels_core.registries import PrincipalRegistry, SubscriptionRegistry
+from channels_core.registries import (
+    PrincipalRegistry,
+    RoleInfo,
+    RoleRegistry,
+    SubscriptionRegistry,
+)
 from channels_core.validation import check_title
+
+
+async def _permission_titles(principal_id: int) -> list[str]:
+    async with db.session() as s:
+        return sorted(await permissions_of(s, principal_id))
+
 
 __all__ = ["principal", "role", "principal_label"]
 
@@ -29,7 +42,7 @@ def principal_label(p: Principal) -> str:
 
 
 def _principal_dict(
-    p: Principal, roles: dict[int, lookups.RoleInfo], *, reveal_secrets: bool = False
+    p: Principal, roles: dict[int, RoleInfo], *, reveal_secrets: bool = False
 ) -> dict[str, Any]:
     return {
         "id": p.id,
@@ -63,7 +76,7 @@ async def _create_principal(
     for key, value in aliases:
         new.set_alias(key, value)
     for ref in role_refs:
-        new.add_role((await lookups.resolve_role(ref)).id)
+        new.add_role((await RoleRegistry().require(ref)).id)
     return await new.save()
 
 
@@ -103,9 +116,9 @@ def create_principal(
     output.success(f"Principal created: {principal_label(saved)} (ID: {saved.id})")
 
 
-async def _principals() -> tuple[list[Principal], dict[int, lookups.RoleInfo]]:
+async def _principals() -> tuple[list[Principal], dict[int, RoleInfo]]:
     found = list(await PrincipalRegistry().all())
-    roles = await lookups.roles_by_id({r for p in found for r in p.roles})
+    roles = await RoleRegistry().by_ids({r for p in found for r in p.roles})
     return found, roles
 
 
@@ -136,9 +149,9 @@ def list_principals(as_json: bool) -> None:
 
 async def _show(principal_id: int) -> dict[str, Any]:
     found = await PrincipalRegistry().require(principal_id)
-    roles = await lookups.roles_by_id(found.roles)
+    roles = await RoleRegistry().by_ids(found.roles)
     data = _principal_dict(found, roles, reveal_secrets=True)
-    data["permissions"] = await lookups.permission_titles_of(principal_id)
+    data["permissions"] = await _permission_titles(principal_id)
     data["subscriptions"] = [c.id for c in await SubscriptionRegistry().get_channels(principal_id)]
     return data
 
@@ -167,9 +180,9 @@ def show_principal(principal_id: int, as_json: bool) -> None:
     )
 
 
-async def _grant(principal_id: int, role_ref: str) -> tuple[lookups.RoleInfo, bool]:
+async def _grant(principal_id: int, role_ref: str) -> tuple[RoleInfo, bool]:
     found = await PrincipalRegistry().require(principal_id)
-    granted = await lookups.resolve_role(role_ref)
+    granted = await RoleRegistry().require(role_ref)
     if granted.id in found.roles:
         return granted, False
     await found.add_role(granted.id).save()
@@ -189,9 +202,9 @@ def grant(principal_id: int, role_ref: str) -> None:
         output.note(f"Principal {principal_id} already has {named}")
 
 
-async def _revoke(principal_id: int, role_ref: str) -> lookups.RoleInfo:
+async def _revoke(principal_id: int, role_ref: str) -> RoleInfo:
     found = await PrincipalRegistry().require(principal_id)
-    revoked = await lookups.resolve_role(role_ref)
+    revoked = await RoleRegistry().require(role_ref)
     if revoked.id not in found.roles:
         raise ValidationError(f"principal {principal_id} does not have role {revoked.title!r}")
     await found.remove_role(revoked.id).save()
@@ -221,7 +234,7 @@ async def _create_role(title: str, permissions: tuple[str, ...]) -> Role:
     check_title("title", title)
     for name in permissions:
         check_title("permission", name)
-    existing = await lookups.role_by_title(title)
+    existing = await RoleRegistry().get_by_title(title)
     if existing is not None:
         raise ConflictError(f"role {title!r} already exists (id {existing.id})")
     new = Role(title)
@@ -261,7 +274,7 @@ def create_role(title: str, permissions: tuple[str, ...]) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
 def list_roles(as_json: bool) -> None:
     """List every role with its permissions."""
-    found = run(lookups.all_roles())
+    found = run(RoleRegistry().all())
     if as_json:
         output.print_json([r.as_dict() for r in found])
         return

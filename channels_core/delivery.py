@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -632,13 +632,3 @@ async def sweep() -> SweepStats:
             raise
         stats.enqueued = len(due)
     return stats
-
-
-async def counts_by_status(message_id: int) -> dict[str, int]:
-    async with db.session() as s:
-        rows = await s.execute(
-            select(DeliveryRow.status, func.count())
-            .where(DeliveryRow.message_id == message_id)
-            .group_by(DeliveryRow.status)
-        )
-        return {status: n for status, n in rows}

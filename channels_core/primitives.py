@@ -13,7 +13,7 @@ to enqueue routing (see ``channels_core.sending``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -905,8 +905,3 @@ def _as_list(channels: Iterable[Channel] | Channel) -> list[Channel]:
         if not isinstance(c, Channel):
             raise ValidationError(f"send() takes channels, not {type(c).__name__}")
     return listed
-
-
-def _iter_ids(items: Sequence[Any]) -> Iterator[int]:
-    for item in items:
-        yield _need_id(item, type(item).__name__.lower())

@@ -7,7 +7,8 @@ so they stay flat in memory however large it grows.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import select
@@ -18,14 +19,24 @@ from channels_core.models import (
     ChannelRow,
     MessageReferenceRow,
     MessageRow,
+    PermissionRow,
     PrincipalRoleRow,
     PrincipalRow,
+    RolePermissionRow,
+    RoleRow,
     SubscriptionRow,
 )
 from channels_core.primitives import Channel, Manifest, Message, Principal, Subscription
 from channels_core.settings import get_settings
 
-__all__ = ["MessageRegistry", "ChannelRegistry", "SubscriptionRegistry", "PrincipalRegistry"]
+__all__ = [
+    "MessageRegistry",
+    "ChannelRegistry",
+    "SubscriptionRegistry",
+    "PrincipalRegistry",
+    "RoleRegistry",
+    "RoleInfo",
+]
 
 _PAGE = 500
 
@@ -206,3 +217,61 @@ class PrincipalRegistry:
             for pid, rid in role_rows:
                 roles.setdefault(pid, []).append(rid)
             return Manifest(Principal._from_row(r, roles.get(r.id, [])) for r in rows)
+
+
+@dataclass(frozen=True)
+class RoleInfo:
+    """A role with the titles of its permissions."""
+
+    id: int
+    title: str
+    permissions: tuple[str, ...]
+
+    def as_dict(self) -> dict[str, object]:
+        return {"id": self.id, "title": self.title, "permissions": list(self.permissions)}
+
+
+class RoleRegistry:
+    async def _infos(self, role_ids: Iterable[int] | None = None) -> list[RoleInfo]:
+        query = select(RoleRow).order_by(RoleRow.id)
+        perms = (
+            select(RolePermissionRow.role_id, PermissionRow.title)
+            .join(PermissionRow, PermissionRow.id == RolePermissionRow.permission_id)
+            .order_by(PermissionRow.title)
+        )
+        if role_ids is not None:
+            ids = list(role_ids)
+            if not ids:
+                return []
+            query = query.where(RoleRow.id.in_(ids))
+            perms = perms.where(RolePermissionRow.role_id.in_(ids))
+        async with db.session() as s:
+            rows = list(await s.scalars(query))
+            titles: dict[int, list[str]] = {}
+            for role_id, title in await s.execute(perms):
+                titles.setdefault(role_id, []).append(title)
+        return [RoleInfo(r.id, r.title, tuple(titles.get(r.id, []))) for r in rows]
+
+    async def all(self) -> list[RoleInfo]:
+        return await self._infos()
+
+    async def by_ids(self, role_ids: Iterable[int]) -> dict[int, RoleInfo]:
+        return {info.id: info for info in await self._infos(role_ids)}
+
+    async def get_by_title(self, title: str) -> RoleInfo | None:
+        async with db.session() as s:
+            ident = await s.scalar(select(RoleRow.id).where(RoleRow.title == title))
+        return None if ident is None else (await self._infos([ident]))[0]
+
+    async def require(self, ref: str | int) -> RoleInfo:
+        """A role by id (an int or all digits) or by title; ``NotFoundError`` otherwise."""
+        text_ref = str(ref)
+        async with db.session() as s:
+            row = None
+            if text_ref.isdigit() and int(text_ref) < 2**63:
+                row = await s.get(RoleRow, int(text_ref))
+            if row is None and not isinstance(ref, int):
+                row = await s.scalar(select(RoleRow).where(RoleRow.title == text_ref))
+        if row is None:
+            raise NotFoundError("role", text_ref if text_ref.isdigit() else repr(text_ref))
+        return (await self._infos([row.id]))[0]
