@@ -75,6 +75,14 @@ def sync_url(url: URL | None = None) -> URL:
     raise ConfigurationError(f"unsupported database {backend!r}: use postgresql or sqlite")
 
 
+def insert(session: AsyncSession, table: Any) -> Any:
+    """An INSERT with ``on_conflict_do_*`` for the session's backend."""
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    dialect = session.get_bind().dialect.name
+    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
+
+
 def is_postgres() -> bool:
     return _base_url().get_backend_name() == "postgresql"
 

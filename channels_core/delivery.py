@@ -16,6 +16,7 @@ A task lost with the broker costs a delay (``queue_lease``), never a delivery.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Sequence
@@ -24,10 +25,9 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from channels_core import db, metrics
+from channels_core import db, endpoints, metrics
 from channels_core.dispatch import Batch, RouteJob, get_dispatcher
 from channels_core.errors import ConfigurationError, NotFoundError, ValidationError
 from channels_core.models import (
@@ -74,18 +74,26 @@ class BatchStats:
     retrying: int = 0
     dead: int = 0
     skipped: int = 0
+    # Not attempted now: their endpoint's breaker, rate limit or in-flight cap said wait.
+    deferred: int = 0
+    # Handed back as single deliveries after killing their worker (see _split).
+    split: int = 0
     outcomes: list[TransportResult] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Claimed:
+    id: int
+    subscriber_id: int
+    attempts: int
+    retry_base: int
+    claims: int
 
 
 @dataclass
 class SweepStats:
     relayed: int = 0
     enqueued: int = 0
-
-
-def _insert(session: AsyncSession, table: Any) -> Any:
-    dialect = session.get_bind().dialect.name
-    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
 
 
 def _chunks(items: Sequence[int], size: int) -> list[tuple[int, ...]]:
@@ -164,7 +172,7 @@ async def route(job: RouteJob) -> RouteStats:
                 }
                 for sid in subscriber_ids
             ]
-            await s.execute(_insert(s, DeliveryRow).on_conflict_do_nothing(), rows)
+            await s.execute(db.insert(s, DeliveryRow).on_conflict_do_nothing(), rows)
             ids = list(
                 await s.scalars(
                     select(DeliveryRow.id)
@@ -203,7 +211,7 @@ async def _mark_routed(outbox_id: int, transport: str | None, error: str | None)
 # -- delivering a batch --------------------------------------------------------
 
 
-async def _claim(batch: Batch, claimant: str) -> list[tuple[int, int, int, int]]:
+async def _claim(batch: Batch, claimant: str) -> list[_Claimed]:
     settings = get_settings()
     now = utcnow()
     async with db.session() as s, s.begin():
@@ -226,16 +234,52 @@ async def _claim(batch: Batch, claimant: str) -> list[tuple[int, int, int, int]]
                 claimed_by=claimant,
                 claimed_until=now + timedelta(seconds=settings.claim_lease),
                 queued_until=now + timedelta(seconds=settings.claim_lease),
+                claims=DeliveryRow.claims + 1,
             )
             .returning(
                 DeliveryRow.id,
                 DeliveryRow.subscriber_id,
                 DeliveryRow.attempts,
                 DeliveryRow.retry_base,
+                DeliveryRow.claims,
             )
             .execution_options(synchronize_session=False)
         )
-        return [tuple(row) for row in claimed.all()]  # type: ignore[misc]
+        return [_Claimed(*row) for row in claimed.all()]
+
+
+async def _split(batch: Batch, claimed: list[_Claimed], claimant: str) -> None:
+    """Hand a batch that killed its worker back as single deliveries.
+
+    One poisonous delivery (one that crashes the process every time) then
+    takes only itself down; the rest go through. Each keeps one claim on
+    its record, so a single that dies again reaches ``poison_claims`` soon.
+    """
+    settings = get_settings()
+    ids = [c.id for c in claimed]
+    async with db.session() as s, s.begin():
+        await s.execute(
+            update(DeliveryRow)
+            .where(DeliveryRow.id.in_(ids), DeliveryRow.claimed_by == claimant)
+            .values(
+                claimed_by=None,
+                claimed_until=None,
+                claims=1,
+                queued_until=utcnow() + timedelta(seconds=settings.queue_lease),
+            )
+            .execution_options(synchronize_session=False)
+        )
+    log.warning(
+        "batch of message %s was claimed %d times without finishing: split into %d singles",
+        batch.message_id,
+        max(c.claims for c in claimed),
+        len(ids),
+        extra=_batch_context(batch, ids),
+    )
+    # Committed above: if this enqueue fails the sweeper finds them once queue_lease passes.
+    await get_dispatcher().enqueue_batches(
+        [Batch(batch.message_id, batch.channel_id, (i,)) for i in ids]
+    )
 
 
 async def _load(
@@ -319,79 +363,74 @@ async def deliver(batch: Batch, claimant: str) -> BatchStats:
     stats.skipped = len(batch.delivery_ids) - len(claimed)
     if not claimed:
         return stats
+    if len(claimed) > 1 and max(c.claims for c in claimed) > 1:
+        await _split(batch, claimed, claimant)
+        stats.split = len(claimed)
+        return stats
     async with db.session() as s:
         transport_name = await s.scalar(
-            select(DeliveryRow.transport).where(DeliveryRow.id == claimed[0][0])
+            select(DeliveryRow.transport).where(DeliveryRow.id == claimed[0].id)
         )
     started_at = utcnow()
     started = time.perf_counter()
-    recipients: list[Principal] = []
     results: dict[int, TransportResult] = {}
+    deferred: dict[int, tuple[float, str]] = {}
     resolved: str | None = None
-    try:
-        message, channel, principals = await _load(batch, [sid for _, sid, _, _ in claimed])
-        if transport_name == NO_TRANSPORT:
-            # Routed while no transport was available; a replay resolves afresh.
-            transport_name = channel.get_egress_repository().resolve_name()
-            resolved = transport_name
-        transport = egress_registry.get(transport_name or "")
-        await _ensure_generated_aliases(transport, principals)
-        await _attach_thread(message, batch, principals)
-        for delivery_id, subscriber_id, attempts, _ in claimed:
-            principal = principals.get(subscriber_id)
-            if principal is None:
-                results[delivery_id] = TransportResult.failed(
-                    subscriber_id, f"principal {subscriber_id} no longer exists", permanent=True
-                )
-                continue
-            principal.delivery_id = delivery_id
-            principal.attempt = attempts + 1
-            recipients.append(principal)
-        if recipients:
-            sent = await transport.send(message, channel, recipients)  # type: ignore[attr-defined]
-            by_subscriber = {r.subscriber_id: r for r in sent}
-            for principal in recipients:
-                assert principal.delivery_id is not None
-                results[principal.delivery_id] = by_subscriber.get(
-                    principal.id
-                ) or TransportResult.failed(
-                    principal.id,
-                    f"transport {transport_name!r} returned no result for this subscriber",
-                )
-    except (NotFoundError, ValidationError, ConfigurationError, ValueError, ImportError) as exc:
-        for delivery_id, subscriber_id, _, _ in claimed:
-            results.setdefault(
-                delivery_id, TransportResult.failed(subscriber_id, str(exc), permanent=True)
-            )
-    except Exception as exc:  # a transport bug must not lose the batch: retry it
-        log.exception(
-            "transport %s failed on batch of message %s",
-            transport_name,
-            batch.message_id,
-            extra=_batch_context(batch, [c[0] for c in claimed]),
+    poisoned = claimed[0].claims >= settings.poison_claims
+    if poisoned:
+        # A single delivery whose every try killed the worker: no more tries.
+        c = claimed[0]
+        results[c.id] = TransportResult.failed(
+            c.subscriber_id,
+            f"its worker died {c.claims - 1} times while delivering it; not tried again",
+            permanent=True,
         )
-        for delivery_id, subscriber_id, _, _ in claimed:
-            results.setdefault(
-                delivery_id, TransportResult.failed(subscriber_id, f"{type(exc).__name__}: {exc}")
-            )
+    else:
+        resolved = await _attempt(batch, claimed, transport_name, results, deferred)
+        if resolved:
+            transport_name = resolved
     elapsed_ms = (time.perf_counter() - started) * 1000
     finished_at = utcnow()
     soon: dict[float, list[int]] = {}
     attempt_rows: list[dict[str, Any]] = []
     updates: list[dict[str, Any]] = []
-    for delivery_id, _, attempts, retry_base in claimed:
-        result = results[delivery_id]
-        result.delivery_id = delivery_id
+    waits: list[dict[str, Any]] = []
+    for c in claimed:
+        if c.id in deferred:
+            # No attempt was made: the attempt count stays, only the due time moves.
+            wait, reason = deferred[c.id]
+            due = finished_at + timedelta(seconds=wait)
+            queued = wait <= settings.countdown_max
+            waits.append(
+                {
+                    "id": c.id,
+                    "claimed_by": None,
+                    "claimed_until": None,
+                    "claims": 0,
+                    "next_attempt_at": due,
+                    "queued_until": due + timedelta(seconds=settings.queue_lease)
+                    if queued
+                    else None,
+                    "updated_at": finished_at,
+                }
+            )
+            if queued:
+                soon.setdefault(round(wait, 1), []).append(c.id)
+            stats.deferred += 1
+            continue
+        result = results[c.id]
+        result.delivery_id = c.id
         result.transport = transport_name
-        number = attempts + 1
+        number = c.attempts + 1
         error = "; ".join(result.errors) or None
         change: dict[str, Any] = {
-            "id": delivery_id,
+            "id": c.id,
             "attempts": number,
             "last_status_code": result.status_code,
             "last_error": error,
             "claimed_by": None,
             "claimed_until": None,
+            "claims": 0,
             "updated_at": finished_at,
         }
         if resolved:
@@ -407,7 +446,7 @@ async def deliver(batch: Batch, claimant: str) -> BatchStats:
             stats.delivered += 1
         else:
             delay = (
-                None if result.permanent else next_delay(number - retry_base, result.retry_after)
+                None if result.permanent else next_delay(number - c.retry_base, result.retry_after)
             )
             status = AttemptStatus.PERMANENT if result.permanent else AttemptStatus.TRANSIENT
             if delay is None:
@@ -424,12 +463,12 @@ async def deliver(batch: Batch, claimant: str) -> BatchStats:
                     queued_until=due + timedelta(seconds=settings.queue_lease) if queued else None,
                 )
                 if queued:
-                    soon.setdefault(round(delay, 1), []).append(delivery_id)
+                    soon.setdefault(round(delay, 1), []).append(c.id)
                 stats.retrying += 1
         updates.append(change)
         attempt_rows.append(
             {
-                "delivery_id": delivery_id,
+                "delivery_id": c.id,
                 "attempt": number,
                 "transport": transport_name or NO_TRANSPORT,
                 "status": status,
@@ -442,8 +481,11 @@ async def deliver(batch: Batch, claimant: str) -> BatchStats:
         )
         stats.outcomes.append(result)
     async with db.session() as s, s.begin():
-        await s.execute(_insert(s, AttemptRow).on_conflict_do_nothing(), attempt_rows)
+        if attempt_rows:
+            await s.execute(db.insert(s, AttemptRow).on_conflict_do_nothing(), attempt_rows)
         await _write_states(s, updates)
+        if waits:
+            await s.execute(update(DeliveryRow), waits)
     _observe(batch, transport_name or NO_TRANSPORT, attempt_rows, updates, stats, elapsed_ms)
     dispatcher = get_dispatcher()
     for delay, ids in soon.items():
@@ -452,6 +494,129 @@ async def deliver(batch: Batch, claimant: str) -> BatchStats:
                 [Batch(batch.message_id, batch.channel_id, chunk)], delay
             )
     return stats
+
+
+async def _attempt(
+    batch: Batch,
+    claimed: list[_Claimed],
+    transport_name: str | None,
+    results: dict[int, TransportResult],
+    deferred: dict[int, tuple[float, str]],
+) -> str | None:
+    """Send what the endpoints admit; fill ``results`` and ``deferred`` by delivery id.
+
+    Returns the transport resolved now for deliveries routed without one.
+    """
+    resolved: str | None = None
+    recipients: list[Principal] = []
+    try:
+        message, channel, principals = await _load(batch, [c.subscriber_id for c in claimed])
+        if transport_name == NO_TRANSPORT:
+            # Routed while no transport was available; a replay resolves afresh.
+            transport_name = resolved = channel.get_egress_repository().resolve_name()
+        transport: Any = egress_registry.get(transport_name or "")
+        await _ensure_generated_aliases(transport, principals)
+        await _attach_thread(message, batch, principals)
+        for c in claimed:
+            principal = principals.get(c.subscriber_id)
+            if principal is None:
+                results[c.id] = TransportResult.failed(
+                    c.subscriber_id, f"principal {c.subscriber_id} no longer exists", permanent=True
+                )
+                continue
+            principal.delivery_id = c.id
+            principal.attempt = c.attempts + 1
+            recipients.append(principal)
+        gate = endpoints.gate()
+        # Duck-typed transports without ``endpoint`` dial nothing we guard.
+        endpoint_of = getattr(transport, "endpoint", None) or (lambda _principal: None)
+        admission = await gate.admit(endpoint_of, recipients)
+        for principal in recipients:
+            assert principal.delivery_id is not None and principal.id is not None
+            if principal.id in admission.disabled:
+                results[principal.delivery_id] = TransportResult.failed(
+                    principal.id, admission.disabled[principal.id], permanent=True
+                )
+            elif principal.id in admission.deferred:
+                deferred[principal.delivery_id] = admission.deferred[principal.id]
+        sent: list[TransportResult] = []
+        try:
+            if admission.allowed:
+                sent = await _send_paced(transport, message, channel, admission.allowed, admission)
+            if admission.held:
+                # The rest of a cold endpoint's share follows its canary only
+                # if the canary reached it; otherwise they wait, untried.
+                reachable = {
+                    admission.by_subscriber.get(r.subscriber_id or 0)
+                    for r in sent
+                    if endpoints.reached(r)
+                }
+                follow: list[Principal] = []
+                for principal in admission.held:
+                    assert principal.id is not None and principal.delivery_id is not None
+                    url = admission.by_subscriber[principal.id]
+                    if url in reachable:
+                        follow.append(principal)
+                    else:
+                        deferred[principal.delivery_id] = (1.0, f"waiting while {url} is tested")
+                if follow:
+                    sent += await _send_paced(transport, message, channel, follow, admission)
+                    admission.allowed += follow
+        finally:
+            await gate.settle(admission, sent)
+        by_subscriber = {r.subscriber_id: r for r in sent}
+        for principal in admission.allowed:
+            assert principal.delivery_id is not None
+            results[principal.delivery_id] = by_subscriber.get(
+                principal.id
+            ) or TransportResult.failed(
+                principal.id,
+                f"transport {transport_name!r} returned no result for this subscriber",
+            )
+    except (NotFoundError, ValidationError, ConfigurationError, ValueError, ImportError) as exc:
+        for c in claimed:
+            if c.id not in deferred:
+                results.setdefault(
+                    c.id, TransportResult.failed(c.subscriber_id, str(exc), permanent=True)
+                )
+    except Exception as exc:  # a transport bug must not lose the batch: retry it
+        log.exception(
+            "transport %s failed on batch of message %s",
+            transport_name,
+            batch.message_id,
+            extra=_batch_context(batch, [c.id for c in claimed]),
+        )
+        for c in claimed:
+            if c.id not in deferred:
+                results.setdefault(
+                    c.id, TransportResult.failed(c.subscriber_id, f"{type(exc).__name__}: {exc}")
+                )
+    return resolved
+
+
+async def _send_paced(
+    transport: Any,
+    message: Message,
+    channel: Channel,
+    recipients: list[Principal],
+    admission: endpoints.Admission,
+) -> list[TransportResult]:
+    """Send now what may go now, and each rate-limited one at its booked slot."""
+    slots: dict[float, list[Principal]] = {}
+    for principal in recipients:
+        offset = admission.send_at.get(principal.id or 0, 0.0)
+        slots.setdefault(round(offset, 3), []).append(principal)
+    if list(slots) == [0.0]:
+        return list(await transport.send(message, channel, recipients))
+
+    async def at(offset: float, group: list[Principal]) -> list[TransportResult]:
+        delay = admission.admitted_at + offset - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        return list(await transport.send(message, channel, group))
+
+    sent = await asyncio.gather(*(at(offset, group) for offset, group in sorted(slots.items())))
+    return [result for group in sent for result in group]
 
 
 # -- observability: metrics and log lines of a batch (channels_core.metrics, .logs) ----------

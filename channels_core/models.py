@@ -54,6 +54,9 @@ __all__ = [
     "AttemptRow",
     "TokenRow",
     "IdempotencyRow",
+    "EndpointRow",
+    "EndpointEventRow",
+    "HostLimitRow",
     "DeliveryStatus",
     "AttemptStatus",
     "utcnow",
@@ -304,6 +307,11 @@ class DeliveryRow(Base):
     # delivery runs twice in parallel.
     claimed_by: Mapped[str | None] = mapped_column(String(64))
     claimed_until: Mapped[datetime | None] = mapped_column()
+    # Claims since the last recorded outcome. Above one, a worker died (or
+    # lost its broker) while holding it: the engine isolates and, past
+    # ``poison_claims``, dead-letters it instead of letting it kill workers
+    # forever.
+    claims: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     last_status_code: Mapped[int | None] = mapped_column(Integer)
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -359,3 +367,52 @@ class IdempotencyRow(Base):
     request_hash: Mapped[str] = mapped_column(String(64))
     message_id: Mapped[int] = mapped_column(Id, ForeignKey("messages.id", ondelete="CASCADE"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class EndpointRow(Base):
+    """A webhook endpoint known to the engine: its switch and its limits.
+
+    Rows appear on the first event worth remembering (a breaker transition,
+    a limit, a disable), not for every URL ever dialled. The live breaker
+    state is shared through Redis (``channels_core.endpoints``); this row is
+    what must survive a Redis restart: disabled or not, and why.
+    """
+
+    __tablename__ = "endpoints"
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    url: Mapped[str] = mapped_column(Text, unique=True)
+    host: Mapped[str] = mapped_column(String(255), index=True)
+    disabled_at: Mapped[datetime | None] = mapped_column()
+    disabled_reason: Mapped[str | None] = mapped_column(Text)
+    # Deliveries per second; None falls back to CHANNELS_ENDPOINT_RATE_LIMIT.
+    rate_limit: Mapped[float | None] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class EndpointEventRow(Base):
+    """One recorded transition of an endpoint: opened, half_open, closed, disabled, enabled."""
+
+    __tablename__ = "endpoint_events"
+    __table_args__ = (
+        Index("ix_endpoint_events_endpoint_at", "endpoint_id", "id"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    endpoint_id: Mapped[int] = mapped_column(Id, ForeignKey("endpoints.id", ondelete="CASCADE"))
+    event: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(Text)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class HostLimitRow(Base):
+    """A rate limit shared by every endpoint on one host."""
+
+    __tablename__ = "host_limits"
+
+    host: Mapped[str] = mapped_column(String(255), primary_key=True)
+    rate_limit: Mapped[float] = mapped_column()
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)

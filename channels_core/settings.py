@@ -52,6 +52,30 @@ class Settings(BaseSettings):
     http_deadline: float = 30.0
     http_max_response_bytes: int = 65536
     http_pool_size: int = 256
+    # Endpoint health (channels_core.endpoints): consecutive failures that
+    # open an endpoint's breaker, the first cool-down before a probe (doubled
+    # per failed probe, up to the max), and how long an endpoint may fail
+    # without a success before it is disabled (5 days, as Svix).
+    breaker_threshold: int = Field(default=5, ge=1)
+    breaker_cooldown: float = Field(default=5.0, gt=0)
+    breaker_cooldown_max: float = Field(default=300.0, gt=0)
+    endpoint_disable_after: float = Field(default=432000.0, gt=0)
+    # Deliveries per second to one endpoint when it has no limit of its own; 0 is none.
+    endpoint_rate_limit: float = Field(default=0.0, ge=0)
+    # A rate limit's burst, in seconds of its rate (0.1 s of 50/s is 5 at once).
+    rate_limit_burst: float = Field(default=0.1, gt=0)
+    # Rate-limited deliveries book their slot up to book_ahead seconds ahead;
+    # a slot within hold is waited for in the worker, a later one in the
+    # queue (the delivery comes back for its booked slot).
+    rate_limit_hold: float = Field(default=0.25, ge=0)
+    rate_limit_book_ahead: float = Field(default=60.0, ge=0)
+    # Requests admitted to one host at once, across all workers; 0 is no cap.
+    host_max_in_flight: int = Field(default=1000, ge=0)
+    # How long a worker trusts its copy of endpoint switches and limits.
+    endpoint_cache_ttl: float = Field(default=2.0, ge=0)
+    # A batch claimed this many times without finishing (its worker died each
+    # time) is split into single deliveries; a single one, dead-lettered.
+    poison_claims: int = Field(default=3, ge=2)
     # How long a rotated-out webhook secret keeps signing beside the new one.
     secret_overlap: float = 86400.0
     outbox_relay_after: float = 30.0

@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from channels_core import __version__, db
 from channels_core.deliveries import DeliveryView
+from channels_core.endpoints import EndpointView
 from channels_core.errors import (
     AuthenticationError,
     ChannelsError,
@@ -200,6 +201,31 @@ class SubscriptionOut(BaseModel):
     channel_id: int
     subscriber_id: int
     created_at: datetime
+
+
+class EndpointEventOut(BaseModel):
+    event: Literal["opened", "half_open", "closed", "disabled", "enabled"]
+    reason: str | None
+    at: datetime
+
+
+class EndpointOut(BaseModel):
+    """A webhook endpoint's switch, breaker state and limit."""
+
+    id: int
+    url: str
+    host: str
+    enabled: bool
+    disabled_reason: str | None
+    disabled_at: datetime | None
+    rate_limit: float | None = Field(description="Deliveries a second; null for the default.")
+    breaker: Literal["closed", "open", "half_open"]
+    failures: int = Field(description="Consecutive failures since the last success.")
+    last_event: EndpointEventOut | None
+
+    @classmethod
+    def of(cls, v: EndpointView) -> EndpointOut:
+        return cls.model_validate(v, from_attributes=True)
 
 
 class HealthOut(BaseModel):
@@ -648,6 +674,24 @@ def create_app(ingress: HttpIngress | None = None) -> FastAPI:
             subscriber_id=sub.subscriber_id,
             created_at=sub.created_at,
         )
+
+    @app.get(
+        "/endpoints",
+        response_model=list[EndpointOut],
+        summary="Webhook endpoints: yours, or every one with channel.manage",
+        responses=_errors(401, 422),
+    )
+    async def list_endpoints(principal_id: Caller) -> list[EndpointOut]:
+        return [EndpointOut.of(v) for v in await transport.endpoints(principal_id)]
+
+    @app.post(
+        "/endpoints/{endpoint_id}/enable",
+        response_model=EndpointOut,
+        summary="Switch a disabled endpoint back on (yours, or any with channel.manage)",
+        responses=_errors(401, 404, 422),
+    )
+    async def enable_endpoint(endpoint_id: IdPath, principal_id: Caller) -> EndpointOut:
+        return EndpointOut.of(await transport.enable_endpoint(principal_id, endpoint_id))
 
     @app.get(
         "/healthz",

@@ -24,7 +24,7 @@ os.environ.setdefault("CHANNELS_EGRESS_ALLOW_CIDRS", "127.0.0.0/8")
 for _var in ("CHANNELS_DATABASE_URL", "CHANNELS_BROKER_URL", "CHANNELS_QUEUE_URL"):
     os.environ.pop(_var, None)
 
-from channels_core import db, embedded, migrate  # noqa: E402
+from channels_core import db, embedded, migrate, shared_redis  # noqa: E402
 from channels_core.dispatch import MemoryDispatcher, set_dispatcher  # noqa: E402
 from channels_core.models import Base  # noqa: E402
 from channels_core.settings import configure  # noqa: E402
@@ -42,6 +42,7 @@ def _embedded_home() -> Iterator[Path]:
 async def _close_pools() -> AsyncIterator[None]:
     """Close the session loop's pools last, so no connection is left to the collector."""
     yield
+    await shared_redis.aclose()
     await db.dispose()
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -21,7 +22,7 @@ import pytest
 from sqlalchemy import insert, select, update
 
 from channels_cli.devservers import WebhookReceiver
-from channels_core import db, deliveries, delivery
+from channels_core import db, deliveries, delivery, endpoints, shared_redis
 from channels_core.dispatch import Batch, MemoryDispatcher, RouteJob
 from channels_core.errors import DispatchTimeout, NotFoundError, ValidationError
 from channels_core.models import (
@@ -891,3 +892,76 @@ async def test_http_webhook_secret_is_generated_on_first_use_and_kept(
         assert receiver.verify(got, own_secret)["data"]["message_id"] == message.id
 
     assert secrets_seen[0] == secrets_seen[1]  # generated once, then reused
+
+
+# -- endpoint health and poison batches ------------------------------------------------
+
+
+async def test_an_open_breaker_defers_deliveries_without_spending_an_attempt(
+    dispatcher: MemoryDispatcher,
+    real_http: HttpEgress,
+    receiver: WebhookReceiver,
+    tune: Callable[..., Settings],
+    broker_url: str,
+) -> None:
+    tune(broker_url=broker_url)
+    url = receiver.url(f"/open-{next(_serial)}-{uuid.uuid4().hex[:6]}")
+    client = shared_redis.client()
+    assert client is not None
+    seconds, micros = await client.time()
+    until = seconds + micros / 1e6 + 20
+    await client.hset(endpoints.breaker_key(url), mapping={"state": "open", "until": until})
+    message, _, ids, [batch] = await routed(
+        dispatcher, 3, transport="http", aliases={"endpoint": url}
+    )
+    before = len(dispatcher.batches)
+    started = utcnow()
+
+    stats = await delivery.deliver(batch, claimant="t1")
+
+    assert (stats.deferred, stats.delivered, stats.retrying, stats.dead) == (3, 0, 0, 0)
+    assert receiver.for_path(url.removeprefix(receiver.base_url)) == []
+    assert await attempt_rows(*ids) == []
+    for row in await delivery_rows(message.id):  # type: ignore[arg-type]
+        assert (row.status, row.attempts, row.claimed_by, row.claims) == ("pending", 0, None, 0)
+        assert 15 <= seconds_between(row.next_attempt_at, started) <= 21
+    # They come back on a countdown when the breaker's cool-down ends.
+    [(again, countdown)] = dispatcher.batches[before:]
+    assert sorted(again.delivery_ids) == sorted(ids) and 15 <= countdown <= 21
+    await client.delete(endpoints.breaker_key(url))
+
+
+async def test_a_batch_that_killed_its_worker_is_split_and_the_poison_ends_dead(
+    dispatcher: MemoryDispatcher, memory: MemoryEgress
+) -> None:
+    message, _, ids, [batch] = await routed(dispatcher, 3)
+    # As a worker SIGKILLed mid-batch leaves them: claimed once, lease run out.
+    past = utcnow() - timedelta(seconds=1)
+    await set_deliveries(ids, claims=1, claimed_by="dead-task", claimed_until=past)
+    before = len(dispatcher.batches)
+
+    stats = await delivery.deliver(batch, claimant="dead-task")
+
+    assert (stats.split, stats.delivered) == (3, 0) and memory.sent == []
+    singles = [b.delivery_ids for b, _ in dispatcher.batches[before:]]
+    assert sorted(singles) == [(i,) for i in ids]
+    rows = await delivery_rows(message.id)  # type: ignore[arg-type]
+    assert {(r.claims, r.claimed_by, r.status) for r in rows} == {(1, None, "pending")}
+
+    # The poisonous one kills its worker once more on its own; then it is dead.
+    poison, *healthy = ids
+    await set_deliveries([poison], claims=get_settings().poison_claims - 1)
+    dead = await delivery.deliver(Batch(message.id, batch.channel_id, (poison,)), "single-1")  # type: ignore[arg-type]
+    assert dead.dead == 1 and memory.sent == []
+    for i in healthy:
+        assert (
+            await delivery.deliver(Batch(message.id, batch.channel_id, (i,)), f"s{i}")
+        ).delivered == 1  # type: ignore[arg-type]
+    by_id = {r.id: r for r in await delivery_rows(message.id)}  # type: ignore[arg-type]
+    assert by_id[poison].status == DeliveryStatus.DEAD
+    assert (
+        by_id[poison].last_error == "its worker died 2 times while delivering it; not tried again"
+    )
+    [attempt] = await attempt_rows(poison)
+    assert attempt.status == AttemptStatus.PERMANENT
+    assert {by_id[i].status for i in healthy} == {DeliveryStatus.DELIVERED}

@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from channels_core import db
+from channels_core import db, shared_redis
 from channels_core.transports.registry import egress_registry
 
 __all__ = ["run", "shutdown"]
@@ -51,6 +51,7 @@ async def _close() -> None:
         aclose = getattr(transport, "aclose", None)
         if aclose is not None:
             await aclose()
+    await shared_redis.aclose()
     await db.dispose()
 
 

@@ -136,6 +136,15 @@ class EgressTransport:
         """Whether this transport can deliver now; resolution skips it if not."""
         return True
 
+    def endpoint(self, subscriber: Principal) -> str | None:
+        """What this transport dials for ``subscriber`` when a user chose it.
+
+        A transport that returns one gets endpoint health for free: the
+        engine checks the breaker, rate limits and the off switch of that
+        endpoint before handing the subscriber over (``channels_core.endpoints``).
+        """
+        return None
+
     async def aclose(self) -> None:
         """Release connections held across sends (a worker calls it on exit)."""
 

@@ -150,6 +150,10 @@ class HttpEgress(EgressTransport):
     def is_available(self) -> bool:
         return True
 
+    def endpoint(self, subscriber: Principal) -> str | None:
+        url = subscriber.get_alias("endpoint")
+        return url.strip() if isinstance(url, str) and url.strip() else None
+
     def _session(self) -> aiohttp.ClientSession:
         loop = asyncio.get_running_loop()
         session = self._sessions.get(loop)

@@ -40,8 +40,9 @@ from sqlalchemy import exists, or_, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from channels_core import db
+from channels_core import db, endpoints
 from channels_core.deliveries import DeliveryView, deliveries_for_channel, deliveries_for_message
+from channels_core.endpoints import EndpointView
 from channels_core.errors import (
     ChannelsError,
     ConflictError,
@@ -532,6 +533,34 @@ class HttpIngress(IngressTransport):
         channel = await self._channel(channel_id)
         subscriber = parsed.subscriber_id if parsed.subscriber_id is not None else principal_id
         return await channel.subscribe(subscriber, by=principal_id)
+
+    async def endpoints(self, principal_id: int) -> list[EndpointView]:
+        """Endpoints the caller may see: every one with channel.manage, else its own."""
+        views = await endpoints.list_endpoints()
+        if await self._manages(principal_id):
+            return views
+        own = await self._own_endpoint(principal_id)
+        return [v for v in views if v.url == own]
+
+    async def enable_endpoint(self, principal_id: int, endpoint_id: int) -> EndpointView:
+        """Switch an endpoint back on: the caller's own, or any with channel.manage."""
+        view = await endpoints.get_endpoint(_check_id(endpoint_id, "endpoint_id"))
+        if not await self._manages(principal_id) and view.url != await self._own_endpoint(
+            principal_id
+        ):
+            # Someone else's endpoint is not even acknowledged to exist.
+            raise NotFoundError("endpoint", endpoint_id)
+        return await endpoints.enable(view.id)
+
+    async def _manages(self, principal_id: int) -> bool:
+        async with db.session() as s:
+            return MANAGE in await permissions_of(s, principal_id)
+
+    async def _own_endpoint(self, principal_id: int) -> str | None:
+        async with db.session() as s:
+            row = await s.get(PrincipalRow, principal_id)
+        url = (row.aliases or {}).get("endpoint") if row is not None else None
+        return url.strip() if isinstance(url, str) else None
 
     async def check_database(self) -> None:
         """Raise if the database cannot answer a query (``GET /healthz``)."""

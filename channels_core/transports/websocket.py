@@ -53,6 +53,7 @@ from redis.exceptions import RedisError
 
 from channels_core.names import KEY_PREFIX
 from channels_core.settings import get_settings
+from channels_core.shared_redis import redis_url as presence_url
 from channels_core.transports.base import EgressTransport, TransportResult
 
 if TYPE_CHECKING:
@@ -94,7 +95,6 @@ AVAILABILITY_CACHE_SECONDS = 1.0
 _PROBE_TIMEOUT = 0.5
 # Beyond the ack wait, for the Redis round trips around it.
 _REDIS_GRACE = 5.0
-_REDIS_SCHEMES = ("redis", "rediss", "valkey", "valkeys", "unix")
 
 
 def gateway_key(gateway_id: str) -> str:
@@ -156,29 +156,6 @@ def delivery_frame(delivery_id: int | None, payload: dict[str, Any]) -> bytes:
     """The text frame a client receives for one delivery (UTF-8 JSON)."""
     frame = {"type": "delivery", "delivery_id": delivery_id, "message": payload}
     return json.dumps(frame, separators=(",", ":")).encode()
-
-
-def presence_url(*, start: bool = True) -> str | None:
-    """The Redis-compatible server gateways and workers meet on, or ``None``.
-
-    The broker when it speaks Redis, else ``CHANNELS_QUEUE_URL`` when that
-    does; with neither configured, the embedded Valkey (started only when
-    ``start``: an availability probe must not start servers).
-    """
-    from channels_core import embedded
-
-    settings = get_settings()
-    for url in (settings.broker_url, settings.queue_url):
-        if url and url.split(":", 1)[0].lower() in _REDIS_SCHEMES:
-            return url
-    if settings.broker_url:
-        return None  # RabbitMQ or another broker, and no Redis beside it
-    if start:
-        return embedded.broker_url()
-    if not (settings.home / "state.json").exists():
-        return None
-    running = [s for s in embedded.status() if s.name == "valkey" and s.running]
-    return running[0].url if running else None
 
 
 class WebSocketEgress(EgressTransport):

@@ -66,6 +66,7 @@ class Stack:
     broker_url: str
     database_url: str
     started: list[Process]
+    tuning: dict[str, str]
 
     def start_worker(self, name: str = "worker", **kwargs: object) -> Process:
         process = start_worker(self.env, self.logs / f"{name}.log", name=name, **kwargs)  # type: ignore[arg-type]
@@ -75,8 +76,13 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(
-    e2e_database_url: str, broker_url: str, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest,
+    e2e_database_url: str,
+    broker_url: str,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Stack]:
+    # A module may tune its own stack (STACK_TUNING), e.g. a breaker's cool-down.
+    tuning = {**TUNING, **getattr(request.module, "STACK_TUNING", {})}
     logs = tmp_path_factory.mktemp("logs")
     http = WebhookReceiver().start()
     smtp = SmtpReceiver().start()
@@ -88,12 +94,22 @@ def stack(
         "CHANNELS_QUEUE_URL": broker_url,
         "CHANNELS_SMTP_HOST": "127.0.0.1",
         "CHANNELS_SMTP_PORT": str(smtp.port),
-        **{f"CHANNELS_{k.upper()}": v for k, v in TUNING.items()},
+        **{f"CHANNELS_{k.upper()}": v for k, v in tuning.items()},
     }
     worker = start_worker(env, logs / "worker.log")
     beat = start_beat(env, logs / "beat.log", logs / "beat-schedule")
     stack = Stack(
-        env, http, smtp, queues, worker, beat, logs, broker_url, e2e_database_url, [worker, beat]
+        env,
+        http,
+        smtp,
+        queues,
+        worker,
+        beat,
+        logs,
+        broker_url,
+        e2e_database_url,
+        [worker, beat],
+        tuning,
     )
     yield stack
     for process in reversed(stack.started):
@@ -112,7 +128,7 @@ async def live(stack: Stack) -> AsyncIterator[Stack]:
         queue_url=stack.broker_url,
         smtp_host="127.0.0.1",
         smtp_port=stack.smtp.port,
-        **{k: v for k, v in TUNING.items()},
+        **stack.tuning,
     )
     set_dispatcher(None)  # the default: producer.broker:BrokerDispatcher
     yield stack

@@ -185,3 +185,29 @@ def test_request_hash_is_the_request_not_its_spelling() -> None:
     assert request_hash(1, short) != request_hash(2, short)
     other = SubmitBody.model_validate({"content": "y"})
     assert request_hash(1, short) != request_hash(1, other)
+
+
+async def test_endpoints_are_listed_and_enabled_by_their_owner_or_a_manager(
+    database: str, broker_url: str
+) -> None:
+    from channels_core import endpoints
+    from channels_core.permissions import MANAGE
+    from channels_core.settings import configure, get_settings
+
+    configure(get_settings().model_copy(update={"broker_url": broker_url}))
+    owner = await principal_with()
+    url = "http://127.0.0.1:9/owned"
+    await owner.set_alias("endpoint", url).save()
+    stranger, manager = await principal_with(), await principal_with(MANAGE)
+    disabled = await endpoints.disable(url, "answered 410 Gone")
+    ingress = HttpIngress()
+
+    assert [v.url for v in await ingress.endpoints(owner.id)] == [url]  # type: ignore[arg-type]
+    assert await ingress.endpoints(stranger.id) == []  # type: ignore[arg-type]
+    assert [v.id for v in await ingress.endpoints(manager.id)] == [disabled.id]  # type: ignore[arg-type]
+    with pytest.raises(NotFoundError):  # someone else's endpoint does not exist for you
+        await ingress.enable_endpoint(stranger.id, disabled.id)  # type: ignore[arg-type]
+    assert not (await endpoints.get_endpoint(disabled.id)).enabled
+    assert (await ingress.enable_endpoint(owner.id, disabled.id)).enabled  # type: ignore[arg-type]
+    await endpoints.disable(disabled.id, "maintenance")
+    assert (await ingress.enable_endpoint(manager.id, disabled.id)).enabled  # type: ignore[arg-type]

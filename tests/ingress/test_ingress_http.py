@@ -695,3 +695,32 @@ async def test_metrics_show_the_attempt_counters_moving_after_a_delivery(
     after = await api.get("/metrics")
     end = _counter(after.text, "channels_attempts_total", transport="http", status="delivered")
     assert end >= start + 3, (start, end)
+
+
+async def test_an_endpoint_disabled_by_410_is_listed_and_enabled_over_http(
+    api: httpx.AsyncClient, live: Stack
+) -> None:
+    from channels_core import endpoints
+
+    owner = await caller()
+    url = live.http.url(f"/owned-{tag()}")
+    await owner.principal.set_alias("endpoint", url).save()
+    view = await endpoints.disable(url, "answered 410 Gone")
+
+    listed = await api.get("/endpoints", headers=owner.headers)
+    assert listed.status_code == 200, listed.text
+    [shown] = listed.json()
+    assert (shown["url"], shown["enabled"], shown["disabled_reason"]) == (
+        url,
+        False,
+        "answered 410 Gone",
+    )
+    assert shown["last_event"]["event"] == "disabled"
+    other = await caller()
+    refused = await api.post(f"/endpoints/{view.id}/enable", headers=other.headers)
+    assert refused.status_code == 404
+    assert refused.headers["content-type"].startswith("application/problem+json")
+    enabled = await api.post(f"/endpoints/{view.id}/enable", headers=owner.headers)
+    assert enabled.status_code == 200, enabled.text
+    assert enabled.json()["enabled"] is True and enabled.json()["last_event"]["event"] == "enabled"
+    assert (await api.get("/endpoints")).status_code == 401

@@ -73,4 +73,4 @@ def test_everything_but_health_and_metrics_needs_a_bearer_token(spec: dict[str, 
             assert "security" not in op and "401" not in op["responses"]
         else:
             assert op["security"] == [{"bearer": []}] and "401" in op["responses"], (method, path)
-    assert len(_operations(spec)) == 9
+    assert len(_operations(spec)) == 11
