@@ -21,12 +21,14 @@ from datetime import timedelta
 
 from sqlalchemy import func, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import InstrumentedAttribute
 
 from channels_core import db
 from channels_core.dispatch import RouteJob, get_dispatcher
 from channels_core.errors import DispatchTimeout, NotFoundError, ValidationError
 from channels_core.models import (
     ChannelRow,
+    ConversationRow,
     DeliveryRow,
     DeliveryStatus,
     MessageRow,
@@ -40,7 +42,7 @@ from channels_core.primitives import Channel, Message
 from channels_core.settings import get_settings
 from channels_core.transports.base import TransportResult
 
-__all__ = ["Dispatch", "send_messages", "channel_results", "BeforeCommit"]
+__all__ = ["Dispatch", "send_messages", "check_messages", "channel_results", "BeforeCommit"]
 
 # Runs inside send_messages' transaction after its writes: what it writes
 # commits with the messages and outbox entries, or not at all.
@@ -208,6 +210,53 @@ async def channel_results(
             message_id=message_id,
         )
     return results
+
+
+# Ids per ``IN (...)`` list: well under SQLite's and PostgreSQL's bound-parameter limits.
+_IN_BATCH = 5000
+
+
+async def check_messages(messages: Sequence[Message]) -> None:
+    """Refuse what ``send_messages`` would refuse for these messages, writing nothing.
+
+    ``send_messages`` checks its own messages before its transaction commits;
+    a caller that splits one batch over several calls (``AsyncProducer.send_many``
+    with a ``chunk``) runs this first, so a bad message in a later call is
+    refused before an earlier call commits. The ids messages name are looked
+    up in bulk, a few queries however many messages there are.
+    """
+    for m in messages:
+        if m.author_id is None:
+            raise ValidationError("a message needs an author_id before it is sent")
+        m._validate()
+    wanted: list[tuple[str, InstrumentedAttribute[int], list[int]]] = [
+        ("principal", PrincipalRow.id, [m.author_id for m in messages if m.author_id is not None]),
+        (
+            "conversation",
+            ConversationRow.id,
+            [m.conversation_id for m in messages if m.conversation_id is not None],
+        ),
+        (
+            "message",
+            MessageRow.id,
+            [
+                ref
+                for m in messages
+                for ref in (m.id, m.reply_to_id, *m.references)
+                if ref is not None
+            ],
+        ),
+    ]
+    async with db.session() as s:
+        for kind, column, named in wanted:
+            ids = list(dict.fromkeys(named))  # first named first: the error names that one
+            found: set[int] = set()
+            for i in range(0, len(ids), _IN_BATCH):
+                batch = ids[i : i + _IN_BATCH]
+                found.update(await s.scalars(select(column).where(column.in_(batch))))
+            for ident in ids:
+                if ident not in found:
+                    raise NotFoundError(kind, ident)
 
 
 async def send_messages(

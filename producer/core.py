@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 from channels_core import db
 from channels_core.errors import NotFoundError, ValidationError
 from channels_core.primitives import Channel, Message
-from channels_core.sending import Dispatch, send_messages
+from channels_core.sending import Dispatch, check_messages, send_messages
 
 __all__ = ["AsyncProducer", "Producer"]
 
@@ -112,9 +112,18 @@ class AsyncProducer:
         chunk: int = 1000,
     ) -> list[Dispatch]:
         """Persist and enqueue many messages: one transaction and a few
-        routing tasks per ``chunk``, instead of one of each per message."""
+        routing tasks per ``chunk``, instead of one of each per message.
+
+        A bad message anywhere in ``messages`` is refused before the first
+        chunk commits, so a refusal changes nothing.
+        """
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise ValidationError(f"chunk must be a positive integer, not {chunk!r}")
         built = [_message(m) for m in messages]
         targets = await _channels(channels)
+        if len(built) > chunk:
+            # More than one transaction: check every message before the first commits.
+            await check_messages(built)
         dispatches: list[Dispatch] = []
         for i in range(0, len(built), chunk):
             dispatches.extend(await send_messages(built[i : i + chunk], targets))
