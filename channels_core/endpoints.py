@@ -33,16 +33,18 @@ broker and no Redis beside it) only the switch applies.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 from sqlalchemy import delete, or_, select, update
 
 from channels_core import db, shared_redis
@@ -86,6 +88,7 @@ _BOOKING_GRACE = 120
 _LEASE_MARGIN = 30.0
 
 
+@lru_cache(maxsize=65536)
 def host_of(url: str) -> str:
     return (urlsplit(url).hostname or "").lower()
 
@@ -120,12 +123,14 @@ def _host_flight_keys(host: str) -> tuple[str, str]:
 
 # -- the shared state, one script per step so every worker sees it whole -------------
 
-# KEYS per endpoint: breaker, known-good marker, endpoint rate, host rate,
-#   host flight hash, host lease zset.
-# ARGV: burst seconds, probe lease, lease id, lease ttl, booking horizon, then
-#   per endpoint: n, endpoint rate, host rate, host cap.
-# Returns per endpoint: {allowed, wait_ms, spread_ms, reason, event, cold,
-#   endpoint slot base and step, host slot base and step, now (microseconds)}.
+# KEYS: per endpoint its breaker, known-good marker and rate key; then per host
+#   its rate key, flight hash and lease zset.
+# ARGV: burst seconds, probe lease, lease id, lease ttl, booking horizon, number
+#   of endpoints, then per endpoint: n, rate, host index (from 0); then per
+#   host: rate, in-flight cap.
+# Returns JSON: {now (microseconds), answers: {index: [allowed, wait_ms,
+#   spread_ms, reason, event, cold, endpoint slot base and step, host slot base
+#   and step (microseconds)]}} for every endpoint not simply admitted whole.
 _ADMIT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -134,8 +139,10 @@ local probe_lease = tonumber(ARGV[2])
 local lease_id = ARGV[3]
 local lease_ttl = tonumber(ARGV[4])
 local hold = tonumber(ARGV[5])
+local endpoints = tonumber(ARGV[6])
 local out = {}
 local held = {}  -- host flight hash -> slots held, read once per call
+local taken = {}  -- host flight hash -> {lease zset, slots this call takes}
 local function fmt(x) return string.format('%.6f', x) end
 
 local function gcra(key, rate, n)
@@ -154,17 +161,20 @@ local function gcra(key, rate, n)
   return math.min(n, room), tat, T, tau, 1
 end
 
-for i = 0, (#KEYS / 6) - 1 do
-  local bk, ok, rk, hk, fk, zk =
-    KEYS[i*6+1], KEYS[i*6+2], KEYS[i*6+3], KEYS[i*6+4], KEYS[i*6+5], KEYS[i*6+6]
-  local a = 6 + i * 4
-  local n = tonumber(ARGV[a])
-  local ep_rate, host_rate, cap = tonumber(ARGV[a+1]), tonumber(ARGV[a+2]), tonumber(ARGV[a+3])
+for i = 0, endpoints - 1 do
+  local bk, ok, rk = KEYS[i*3+1], KEYS[i*3+2], KEYS[i*3+3]
+  local a = 7 + i * 3
+  local n, ep_rate, h = tonumber(ARGV[a]), tonumber(ARGV[a+1]), tonumber(ARGV[a+2])
+  local hb = endpoints * 3 + h * 3
+  local hk, fk, zk = KEYS[hb + 1], KEYS[hb + 2], KEYS[hb + 3]
+  local host_rate = tonumber(ARGV[7 + endpoints*3 + h*2])
+  local cap = tonumber(ARGV[8 + endpoints*3 + h*2])
   local allow, wait, reason, event, cold = n, 0, '', '', 0
 
-  local state = redis.call('HGET', bk, 'state')
+  local b = redis.call('HMGET', bk, 'state', 'until', 'failures')
+  local state = b[1]
   if state == 'open' or state == 'half_open' then
-    local till = tonumber(redis.call('HGET', bk, 'until') or '0')
+    local till = tonumber(b[2] or '0')
     if now < till then
       allow = 0
       if state == 'open' then wait = till - now else wait = math.min(till - now, 1) end
@@ -176,7 +186,7 @@ for i = 0, (#KEYS / 6) - 1 do
       allow = math.min(allow, 1)
       wait, reason = 1, 'half_open'
     end
-  elseif tonumber(redis.call('HGET', bk, 'failures') or '0') > 0 then
+  elseif tonumber(b[3] or '0') > 0 then
     allow = math.min(allow, 1)
     wait, reason = 1, 'suspect'
   elseif n > 1 and redis.call('EXISTS', ok) == 0 then
@@ -202,10 +212,8 @@ for i = 0, (#KEYS / 6) - 1 do
     if room < k then k = room; reason = 'in_flight' end
     if k > 0 then
       held[fk] = held[fk] + k
-      redis.call('HINCRBY', fk, lease_id, k)
-      redis.call('ZADD', zk, fmt(now + lease_ttl), lease_id)
-      redis.call('EXPIRE', fk, math.ceil(lease_ttl) + 1)
-      redis.call('EXPIRE', zk, math.ceil(lease_ttl) + 1)
+      if taken[fk] == nil then taken[fk] = {zk, 0} end
+      taken[fk][2] = taken[fk][2] + k
     end
   end
 
@@ -227,31 +235,47 @@ for i = 0, (#KEYS / 6) - 1 do
   if k == n then reason = '' end
   -- Booked slot i is sent at max(base + i * step) over both limits (microseconds).
   local function us(x) return math.floor(x * 1000000) end
-  table.insert(out, {
-    k, math.floor(wait * 1000), math.floor(spread * 1000), reason, event, cold,
-    us(e_tat - now - e_tau), us(e_T), us(h_tat - now - h_tau), us(h_T), us(now),
-  })
+  -- Only what differs from "all of them, now" is answered: parsing a reply
+  -- costs the worker more than this script costs the server.
+  if k < n or wait > 0 or event ~= '' or cold == 1 or e_on == 1 or h_on == 1 then
+    out[tostring(i)] = {
+      k, math.floor(wait * 1000), math.floor(spread * 1000), reason, event, cold,
+      us(e_tat - now - e_tau), us(e_T), us(h_tat - now - h_tau), us(h_T),
+    }
+  end
 end
-return out
+-- One lease per host per call, however many endpoints share the host.
+for fk, z in pairs(taken) do
+  redis.call('HINCRBY', fk, lease_id, z[2])
+  redis.call('ZADD', z[1], fmt(now + lease_ttl), lease_id)
+  redis.call('EXPIRE', fk, math.ceil(lease_ttl) + 1)
+  redis.call('EXPIRE', z[1], math.ceil(lease_ttl) + 1)
+end
+return cjson.encode({now = math.floor(now * 1000000), answers = out})
 """
 
-# KEYS per endpoint: breaker, known-good marker, host flight hash, host lease zset.
-# ARGV: threshold, cool-down, cool-down max, ttl, lease id, known-good ttl, then
-#   per endpoint: successes, failures.
-# Returns per endpoint: {event, failures, seconds failing (-1 when not failing)}.
+# KEYS: per endpoint breaker and known-good marker, then per host the flight
+#   hash and lease zset.
+# ARGV: threshold, cool-down, cool-down max, ttl, lease id, known-good ttl,
+#   number of endpoints, then per endpoint: successes, failures.
+# Returns JSON: {index: [event, failures, seconds failing]} for endpoints that
+#   changed state or are failing.
 _SETTLE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local threshold = tonumber(ARGV[1])
 local cool0, cool_max, ttl = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local lease_id, good_ttl = ARGV[5], tonumber(ARGV[6])
+local endpoints = tonumber(ARGV[7])
 local out = {}
 local function fmt(x) return string.format('%.6f', x) end
-for i = 0, (#KEYS / 4) - 1 do
-  local bk, ok, fk, zk = KEYS[i*4+1], KEYS[i*4+2], KEYS[i*4+3], KEYS[i*4+4]
-  local good, bad = tonumber(ARGV[7 + i*2]), tonumber(ARGV[8 + i*2])
-  redis.call('HDEL', fk, lease_id)
-  redis.call('ZREM', zk, lease_id)
+for i = endpoints * 2 + 1, #KEYS, 2 do
+  redis.call('HDEL', KEYS[i], lease_id)
+  redis.call('ZREM', KEYS[i + 1], lease_id)
+end
+for i = 0, endpoints - 1 do
+  local bk, ok = KEYS[i*2+1], KEYS[i*2+2]
+  local good, bad = tonumber(ARGV[8 + i*2]), tonumber(ARGV[9 + i*2])
   local state = redis.call('HGET', bk, 'state') or 'closed'
   local event, failures, failing = '', 0, -1
   if good > 0 then
@@ -273,10 +297,19 @@ for i = 0, (#KEYS / 4) - 1 do
     end
     redis.call('EXPIRE', bk, ttl)
   end
-  table.insert(out, {event, failures, tostring(failing)})
+  if event ~= '' or failures > 0 then out[tostring(i)] = {event, failures, failing} end
 end
-return out
+return cjson.encode(out)
 """
+
+
+async def _run(redis: Any, script: str, keys: list[str], args: list[Any]) -> Any:
+    """Run a script by its SHA (the text travels once per server, not per batch)."""
+    sha = hashlib.sha1(script.encode(), usedforsecurity=False).hexdigest()
+    try:
+        return await redis.evalsha(sha, len(keys), *keys, *args)
+    except NoScriptError:
+        return await redis.eval(script, len(keys), *keys, *args)
 
 
 # -- the worker's side: admit before sending, settle after --------------------------------
@@ -385,7 +418,7 @@ class Gate:
             if any(self._limited(config, url) for url in groups):
                 await self._honour_bookings(redis, groups, admission)
             urls = [url for url, members in groups.items() if members]
-            answers = await self._admit(redis, config, urls, groups, admission) if urls else []
+            answers = await self._admit(redis, config, urls, groups, admission) if urls else ""
         except (RedisError, OSError) as exc:
             # Health is a courtesy to endpoints; it must never stall delivery.
             log.warning("endpoint health unavailable, sending unchecked: %s", exc)
@@ -393,10 +426,16 @@ class Gate:
                 admission.allowed.extend(members)
             return admission
         bookings: dict[str, float] = {}
-        for url, answer in zip(urls, answers, strict=True):
-            allowed, wait_ms, spread_ms, reason, event, cold = answer[:6]
-            e_base, e_step, h_base, h_step, now = (int(x) / 1e6 for x in answer[6:])
+        reply: dict[str, Any] = json.loads(answers) if urls else {"now": 0, "answers": {}}
+        now = reply["now"] / 1e6
+        for index, url in enumerate(urls):
             members = groups[url]
+            answer = reply["answers"].get(str(index))
+            if answer is None:  # all of them, now
+                admission.allowed.extend(members)
+                continue
+            allowed, wait_ms, spread_ms, reason, event, cold = answer[:6]
+            e_base, e_step, h_base, h_step = (x / 1e6 for x in answer[6:])
             for i, principal in enumerate(members[: int(allowed)]):
                 assert principal.id is not None and principal.delivery_id is not None
                 offset = max(e_base + i * e_step, h_base + i * h_step, 0.0)
@@ -469,7 +508,7 @@ class Gate:
         urls: list[str],
         groups: dict[str, list[Principal]],
         admission: Admission,
-    ) -> list[Any]:
+    ) -> str:
         settings = get_settings()
         keys: list[str] = []
         args: list[Any] = [
@@ -479,18 +518,18 @@ class Gate:
             settings.claim_lease + _LEASE_MARGIN,
             settings.rate_limit_book_ahead,
         ]
+        args.append(len(urls))
+        hosts: dict[str, int] = {}
         for url in urls:
-            host = admission.hosts[url]
-            keys += [breaker_key(url), _good_key(url), _rate_key(url), _host_rate_key(host)]
-            keys += _host_flight_keys(host)
+            host = hosts.setdefault(admission.hosts[url], len(hosts))
+            keys += [breaker_key(url), _good_key(url), _rate_key(url)]
             own = config.endpoints.get(url, (None, None))[1]
-            args += [
-                len(groups[url]),
-                own if own is not None else settings.endpoint_rate_limit,
-                config.hosts.get(host, 0),
-                settings.host_max_in_flight,
-            ]
-        return list(await redis.eval(_ADMIT, len(keys), *keys, *args))
+            rate = own if own is not None else settings.endpoint_rate_limit
+            args += [len(groups[url]), rate, host]
+        for host_name in hosts:  # in index order
+            keys += [_host_rate_key(host_name), *_host_flight_keys(host_name)]
+            args += [config.hosts.get(host_name, 0), settings.host_max_in_flight]
+        return str(await _run(redis, _ADMIT, keys, args))
 
     async def settle(self, admission: Admission, results: Sequence[TransportResult]) -> None:
         """Feed outcomes to the breakers; disable endpoints that earned it."""
@@ -511,7 +550,7 @@ class Gate:
                 tally[url][1] += 1
         redis = shared_redis.client()
         urls = list(tally)
-        answers: list[Any] = [["", 0, "-1"]] * len(urls)
+        answers: dict[str, list[Any]] = {}
         if redis is not None:
             keys: list[str] = []
             args: list[Any] = [
@@ -521,15 +560,18 @@ class Gate:
                 int(settings.endpoint_disable_after + 86400),
                 admission.lease,
             ]
-            args.append(_GOOD_TTL)
+            args += [_GOOD_TTL, len(urls)]
             for url in urls:
-                keys += [breaker_key(url), _good_key(url), *_host_flight_keys(admission.hosts[url])]
+                keys += [breaker_key(url), _good_key(url)]
                 args += tally[url]
+            for host in sorted(set(admission.hosts.values())):
+                keys += _host_flight_keys(host)
             try:
-                answers = await redis.eval(_SETTLE, len(keys), *keys, *args)  # type: ignore[misc]
+                answers = json.loads(await _run(redis, _SETTLE, keys, args))
             except (RedisError, OSError) as exc:
                 log.warning("endpoint health unavailable, outcomes not recorded: %s", exc)
-        for url, (event, failures, failing) in zip(urls, answers, strict=True):
+        for index, url in enumerate(urls):
+            event, failures, failing = answers.get(str(index), ("", 0, -1))
             if url in gone:
                 await disable(url, "answered 410 Gone")
                 continue
