@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint clean dev-stop bench bench-quick flower flower-screenshot fuzz
+.PHONY: install run test lint clean dev-stop bench bench-quick flower flower-screenshot fuzz chaos chaos-quick
 
 install: $(STAMP)
 
@@ -52,6 +52,14 @@ bench: $(BENCH_STAMP)
 
 bench-quick: $(BENCH_STAMP)
 	$(BIN)/python -m bench.run --quick
+
+# Fault injection: real processes, faults injected, three ledgers reconciled.
+# Not part of `make test`; chaos-quick runs every scenario at small size.
+chaos: $(STAMP)
+	$(BIN)/python -m chaos.run
+
+chaos-quick: $(STAMP)
+	$(BIN)/python -m chaos.run --quick
 
 dev-stop: $(STAMP)
 	$(BIN)/channels dev stop

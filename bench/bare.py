@@ -1,7 +1,7 @@
 """The bare-client reference: one process, the HTTP transport's engine
 (aiohttp on uvloop), 64 connections, the same payload to the same sink.
 
-``python -m bench.bare URL COUNT`` prints ``requests=N seconds=S rate=R``.
+``python -m bench.bare URL COUNT`` prints ``requests=N seconds=S cpu=C rate=R``.
 """
 
 from __future__ import annotations
@@ -35,7 +35,11 @@ async def main(url: str, count: int, concurrency: int = 64) -> None:
         ]
         await asyncio.gather(*(worker(n) for n in share))
         elapsed = time.perf_counter() - started
-    print(f"requests={done} seconds={elapsed:.3f} rate={done / elapsed:.0f}", flush=True)
+    print(
+        f"requests={done} seconds={elapsed:.3f} cpu={time.process_time():.3f}"
+        f" rate={done / elapsed:.0f}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

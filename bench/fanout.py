@@ -14,8 +14,11 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import psycopg
 from sqlalchemy import func, insert, select
 
 from channels_cli.devservers import free_port
@@ -27,18 +30,34 @@ from channels_core.primitives import Channel, Message, Permission, Principal, Ro
 from channels_core.settings import configure
 
 
-async def setup(n: int, sink_port: int) -> tuple[int, Channel]:
+def http_aliases(sink_port: int) -> Callable[[int], dict[str, Any]]:
+    """Subscriber ``i`` of a webhook fan-out: an endpoint on the sink, a secret set up front."""
+    from channels_core.signing import new_secret
+
+    secret = new_secret()
+
+    def aliases(i: int) -> dict[str, Any]:
+        return {"endpoint": f"http://127.0.0.1:{sink_port}/hook/{i}", "webhook_secret": secret}
+
+    return aliases
+
+
+def email_aliases(i: int) -> dict[str, Any]:
+    return {"email": f"subscriber{i}@example.com"}
+
+
+async def setup(
+    n: int, aliases: Callable[[int], dict[str, Any]], transport: str = "http"
+) -> tuple[int, Channel]:
+    """A channel with ``n`` subscribers, written in bulk (the benchmark measures
+    delivery, not subscribing), and an author allowed to send to it."""
     stamp = f"{time.time_ns()}"
     perm = await Permission.get_or_create(SUBMIT)
     role = await Role().set_title(f"bench-{stamp}").add_permission(perm.id).save()  # type: ignore[arg-type]
     author = await Principal("service").add_role(role.id).save()  # type: ignore[arg-type]
     channel = (
-        await Channel().set_title(f"bench {stamp}").set_alias("egress_transport", "http").save()
+        await Channel().set_title(f"bench {stamp}").set_alias("egress_transport", transport).save()
     )
-    # Secrets are set up front: the benchmark measures delivery, not first use.
-    from channels_core.signing import new_secret
-
-    secret = new_secret()
     for start in range(0, n, 5000):
         async with db.session() as s, s.begin():
             ids = list(
@@ -47,18 +66,17 @@ async def setup(n: int, sink_port: int) -> tuple[int, Channel]:
                     [
                         {
                             "kind": "bot",
-                            "aliases": {
-                                "endpoint": f"http://127.0.0.1:{sink_port}/hook/{i}",
-                                "webhook_secret": secret,
-                            },
+                            "aliases": aliases(i),
                         }
                         for i in range(start, min(n, start + 5000))
                     ],
                 )
             )
+            # One multi-row VALUES statement, not an executemany of one per row.
             await s.execute(
-                insert(SubscriptionRow),
-                [{"channel_id": channel.id, "subscriber_id": i} for i in ids],
+                insert(SubscriptionRow).values(
+                    [{"channel_id": channel.id, "subscriber_id": i} for i in ids]
+                )
             )
     return author.id, channel  # type: ignore[return-value]
 
@@ -76,20 +94,58 @@ async def attempts_written(message_id: int) -> int:
         )
 
 
-async def run_once(n: int, sink_port: int, timeout: float) -> tuple[float, int]:
-    author_id, channel = await setup(n, sink_port)
+ATTEMPTS_OF_MESSAGE = (
+    "SELECT count(*) FROM delivery_attempts a JOIN deliveries d ON d.id = a.delivery_id"
+    " WHERE d.message_id = %s"
+)
+
+
+async def run_once(
+    n: int,
+    sink_port: int | None,
+    timeout: float,
+    *,
+    aliases: Callable[[int], dict[str, Any]] | None = None,
+    transport: str = "http",
+    observer_dsn: str | None = None,
+    before: Callable[[], None] | None = None,
+) -> tuple[float, int]:
+    """Send one message to ``n`` new subscribers; time it until every attempt
+    row is written. ``before`` runs just before the send (to start meters);
+    with ``observer_dsn`` the progress is polled under that role, so the
+    system's own statement counters stay its own."""
+    if aliases is None:
+        assert sink_port is not None
+        aliases = http_aliases(sink_port)
+    author_id, channel = await setup(n, aliases, transport)
     message = await Message().set_content("benchmark payload " * 8).set_author_id(author_id).save()
-    started = time.perf_counter()
-    await message.send(channel)
-    deadline = started + timeout
-    written = 0
-    while time.perf_counter() < deadline:
-        written = await attempts_written(message.id)  # type: ignore[arg-type]
-        if written >= n:
-            break
-        await asyncio.sleep(0.05)
-    elapsed = time.perf_counter() - started
-    await db.dispose()
+    observer = (
+        await psycopg.AsyncConnection.connect(observer_dsn, autocommit=True)
+        if observer_dsn
+        else None
+    )
+    try:
+        if before is not None:
+            before()
+        started = time.perf_counter()
+        await message.send(channel)
+        deadline = started + timeout
+        written = 0
+        while time.perf_counter() < deadline:
+            if observer is not None:
+                cursor = await observer.execute(ATTEMPTS_OF_MESSAGE, (message.id,))
+                row = await cursor.fetchone()
+                written = int(row[0]) if row else 0
+            else:
+                written = await attempts_written(message.id)  # type: ignore[arg-type]
+            if written >= n:
+                break
+            await asyncio.sleep(0.05)
+        elapsed = time.perf_counter() - started
+    finally:
+        if observer is not None:
+            await observer.close()
+        await db.dispose()
     return elapsed, written
 
 

