@@ -88,6 +88,7 @@ class _Claimed:
     attempts: int
     retry_base: int
     claims: int
+    transport: str
 
 
 @dataclass
@@ -242,6 +243,7 @@ async def _claim(batch: Batch, claimant: str) -> list[_Claimed]:
                 DeliveryRow.attempts,
                 DeliveryRow.retry_base,
                 DeliveryRow.claims,
+                DeliveryRow.transport,
             )
             .execution_options(synchronize_session=False)
         )
@@ -367,10 +369,7 @@ async def deliver(batch: Batch, claimant: str) -> BatchStats:
         await _split(batch, claimed, claimant)
         stats.split = len(claimed)
         return stats
-    async with db.session() as s:
-        transport_name = await s.scalar(
-            select(DeliveryRow.transport).where(DeliveryRow.id == claimed[0].id)
-        )
+    transport_name: str | None = claimed[0].transport
     started_at = utcnow()
     started = time.perf_counter()
     results: dict[int, TransportResult] = {}

@@ -150,14 +150,10 @@ async def channel_results(
     subscribers as pending.
     """
     async with db.session() as s:
-        counts = await s.execute(
-            select(DeliveryRow.channel_id, DeliveryRow.status, func.count())
-            .where(DeliveryRow.message_id == message_id, DeliveryRow.channel_id.in_(channel_ids))
-            .group_by(DeliveryRow.channel_id, DeliveryRow.status)
-        )
-        by_channel: dict[int, dict[str, int]] = {}
-        for channel_id, status, n in counts:
-            by_channel.setdefault(channel_id, {})[status] = n
+        # The outbox first: routing commits its delivery rows before it marks
+        # the entry routed, so rows counted after a routed entry are all of
+        # them. Counted the other way round, a routing that finishes between
+        # the two reads looks final with no deliveries.
         outbox = dict(
             (
                 await s.execute(
@@ -167,6 +163,14 @@ async def channel_results(
                 )
             ).all()
         )
+        counts = await s.execute(
+            select(DeliveryRow.channel_id, DeliveryRow.status, func.count())
+            .where(DeliveryRow.message_id == message_id, DeliveryRow.channel_id.in_(channel_ids))
+            .group_by(DeliveryRow.channel_id, DeliveryRow.status)
+        )
+        by_channel: dict[int, dict[str, int]] = {}
+        for channel_id, status, n in counts:
+            by_channel.setdefault(channel_id, {})[status] = n
         unrouted = [c for c in channel_ids if outbox.get(c) is None]
         waiting: dict[int, int] = {}
         if unrouted:

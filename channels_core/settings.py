@@ -46,7 +46,8 @@ class Settings(BaseSettings):
 
     batch_size: int = 200
     route_page_size: int = 1000
-    max_in_flight: int = 64
+    # At least the batch size, so a batch to slow endpoints takes one round trip, not several.
+    max_in_flight: int = 256
     http_connect_timeout: float = 5.0
     http_read_timeout: float = 15.0
     http_deadline: float = 30.0

@@ -31,6 +31,7 @@ set_dispatcher(BrokerDispatcher(app))
 @worker_process_init.connect
 def _after_fork(**_: Any) -> None:
     runtime.reset_after_fork()
+    runtime.warm_up()
 
 
 @worker_process_shutdown.connect
