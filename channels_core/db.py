@@ -123,7 +123,7 @@ def get_engine() -> AsyncEngine:
         engine = create_async_engine(url, **kwargs)
         # psycopg runs an executemany INSERT without RETURNING as one server
         # statement per row; batched into multi-row VALUES it is one per
-        # thousand (the delivery and attempt rows of a fan-out).
+        # thousand. (Inserts with ON CONFLICT batch only with RETURNING.)
         engine.sync_engine.dialect.use_insertmanyvalues_wo_returning = True
         if url.get_backend_name() == "sqlite":
             event.listen(engine.sync_engine, "connect", _sqlite_pragmas)

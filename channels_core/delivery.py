@@ -173,7 +173,12 @@ async def route(job: RouteJob) -> RouteStats:
                 }
                 for sid in subscriber_ids
             ]
-            await s.execute(db.insert(s, DeliveryRow).on_conflict_do_nothing(), rows)
+            # RETURNING turns on SQLAlchemy's batched multi-row VALUES
+            # ("insertmanyvalues"), which ON CONFLICT alone does not: one
+            # statement per page instead of one per row.
+            await s.execute(
+                db.insert(s, DeliveryRow).on_conflict_do_nothing().returning(DeliveryRow.id), rows
+            )
             ids = list(
                 await s.scalars(
                     select(DeliveryRow.id)
@@ -481,7 +486,10 @@ async def deliver(batch: Batch, claimant: str) -> BatchStats:
         stats.outcomes.append(result)
     async with db.session() as s, s.begin():
         if attempt_rows:
-            await s.execute(db.insert(s, AttemptRow).on_conflict_do_nothing(), attempt_rows)
+            await s.execute(
+                db.insert(s, AttemptRow).on_conflict_do_nothing().returning(AttemptRow.id),
+                attempt_rows,
+            )
         await _write_states(s, updates)
         if waits:
             await s.execute(update(DeliveryRow), waits)
