@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 lint: $(STAMP)
-	$(BIN)/ruff check channels_core producer workers channels_cli tests scripts bench
+	$(BIN)/ruff check channels_core producer workers channels_cli tests scripts bench chaos
 	$(BIN)/mypy
 
 # The schemathesis run against the live ingress's /openapi.json, at length
