@@ -13,7 +13,7 @@ to enqueue routing (see ``channels_core.sending``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -34,6 +34,7 @@ from channels_core.models import (
     RolePermissionRow,
     RoleRow,
     SubscriptionRow,
+    utcnow,
 )
 from channels_core.permissions import MANAGE, SUBMIT, SUBSCRIBE, has_permission
 from channels_core.transports.registry import (
@@ -793,6 +794,7 @@ class Message:
         """Validate links and write, inside the caller's transaction."""
         self._validate()
         await self._check_links(s)
+        current: list[int] = []  # a new message has no references yet: nothing to read
         if self.id is None:
             row = MessageRow(**self._values())
             s.add(row)
@@ -803,13 +805,13 @@ class Message:
             await s.execute(
                 update(MessageRow).where(MessageRow.id == self.id).values(self._values())
             )
-        current = list(
-            await s.scalars(
-                select(MessageReferenceRow.referenced_id).where(
-                    MessageReferenceRow.message_id == self.id
+            current = list(
+                await s.scalars(
+                    select(MessageReferenceRow.referenced_id).where(
+                        MessageReferenceRow.message_id == self.id
+                    )
                 )
             )
-        )
         missing = [r for r in self._references if r not in current]
         if missing:
             await s.execute(
@@ -831,6 +833,33 @@ class Message:
                     MessageReferenceRow.referenced_id.in_(stale),
                 )
             )
+
+    @classmethod
+    async def _insert_many(cls, s: AsyncSession, messages: Sequence[Message]) -> None:
+        """Write new messages in one multi-row INSERT (``send_many``'s path).
+
+        Each is validated and its links checked as ``_write`` would; only the
+        writes are batched: one statement for the rows, one for references.
+        """
+        for m in messages:
+            assert m.id is None
+            m._validate()
+            await m._check_links(s)
+        created = await s.execute(
+            insert(MessageRow).returning(
+                MessageRow.id, MessageRow.created_at, sort_by_parameter_order=True
+            ),
+            [{**m._values(), "created_at": utcnow()} for m in messages],
+        )
+        for m, (message_id, created_at) in zip(messages, created.all(), strict=True):
+            m.id, m.created_at = message_id, created_at
+        references = [
+            {"message_id": m.id, "referenced_id": r, "position": i}
+            for m in messages
+            for i, r in enumerate(m._references)
+        ]
+        if references:
+            await s.execute(insert(MessageReferenceRow), references)
 
     async def save(self) -> Message:
         async with db.session() as s, s.begin():

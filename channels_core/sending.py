@@ -303,11 +303,16 @@ async def send_messages(
             if await s.get(PrincipalRow, author_id) is None:
                 raise NotFoundError("principal", author_id)
             permitted[author_id] = SUBMIT in await permissions_of(s, author_id)
+        # Saved if needed, but a message no channel accepts and that was
+        # never saved stays unsaved: a refused send changes nothing.
+        fresh: list[Message] = []
         for m in messages:
-            # Saved if needed, but a message no channel accepts and that was
-            # never saved stays unsaved: a refused send changes nothing.
-            if m.id is not None or permitted[m.author_id]:  # type: ignore[index]
+            if m.id is not None:
                 await m._write(s)
+            elif permitted[m.author_id]:  # type: ignore[index]
+                fresh.append(m)
+        if fresh:
+            await Message._insert_many(s, fresh)
         now = utcnow()
         relay_at = now + timedelta(seconds=get_settings().outbox_relay_after)
         rows: list[dict[str, object]] = []
