@@ -8,6 +8,8 @@ flip the switch; ``limit`` sets a rate per endpoint or per host.
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import click
 
 from channels_cli.output import note, print_fields, print_json, print_table, success
@@ -42,7 +44,7 @@ def endpoints_group(ctx: click.Context, disabled: bool, as_json: bool) -> None:
         return
     views = run(endpoints.list_endpoints(disabled_only=disabled))
     if as_json:
-        print_json([v.as_dict() for v in views])
+        print_json([asdict(v) for v in views])
         return
     print_table(
         ["ID", "URL", "State", "Failures", "Rate limit", "Last event"],
@@ -72,14 +74,7 @@ def show(endpoint: str, as_json: bool) -> None:
     view = run(endpoints.get_endpoint(endpoint))
     history = run(endpoints.events(endpoint))
     if as_json:
-        print_json(
-            {
-                **view.as_dict(),
-                "events": [
-                    {"event": e.event, "reason": e.reason, "at": e.at.isoformat()} for e in history
-                ],
-            }
-        )
+        print_json({**asdict(view), "events": [asdict(e) for e in history]})
         return
     print_fields(
         [

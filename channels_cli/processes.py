@@ -13,12 +13,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from channels_core.names import ALL_QUEUES
 
-__all__ = ["Process", "start_worker", "start_beat", "celery_command"]
+__all__ = ["Process", "start_worker", "start_beat", "celery_command", "worker_args", "beat_args"]
 
 
 def celery_command() -> list[str]:
@@ -94,16 +94,15 @@ class Process:
         return self.popen.returncode
 
 
-def start_worker(
-    env: Mapping[str, str],
-    log_path: Path,
+def worker_args(
+    name: str,
     *,
     concurrency: int = 2,
-    name: str = "worker",
-    queues: tuple[str, ...] = ALL_QUEUES,
-    wait: bool = True,
-) -> Process:
-    args = [
+    queues: Sequence[str] = ALL_QUEUES,
+    extra: Sequence[str] = (),
+) -> list[str]:
+    """``celery -A workers worker`` as users start it, with a unique node name."""
+    return [
         *celery_command(),
         "-A",
         "workers",
@@ -118,17 +117,13 @@ def start_worker(
         ",".join(queues),
         "--without-gossip",
         "--without-mingle",
+        *extra,
     ]
-    process = Process(name, args, env, log_path)
-    if wait:
-        process.wait_for_log("ready.")
-    return process
 
 
-def start_beat(
-    env: Mapping[str, str], log_path: Path, schedule: Path, *, wait: bool = True
-) -> Process:
-    args = [
+def beat_args(schedule: Path) -> list[str]:
+    """``celery -A workers beat`` with its schedule file and no pidfile."""
+    return [
         *celery_command(),
         "-A",
         "workers",
@@ -140,7 +135,29 @@ def start_beat(
         "--pidfile",
         "",
     ]
-    process = Process("beat", args, env, log_path)
+
+
+def start_worker(
+    env: Mapping[str, str],
+    log_path: Path,
+    *,
+    concurrency: int = 2,
+    name: str = "worker",
+    queues: tuple[str, ...] = ALL_QUEUES,
+    wait: bool = True,
+) -> Process:
+    process = Process(
+        name, worker_args(name, concurrency=concurrency, queues=queues), env, log_path
+    )
+    if wait:
+        process.wait_for_log("ready.")
+    return process
+
+
+def start_beat(
+    env: Mapping[str, str], log_path: Path, schedule: Path, *, wait: bool = True
+) -> Process:
+    process = Process("beat", beat_args(schedule), env, log_path)
     if wait:
         process.wait_for_log("beat: Starting")
     return process

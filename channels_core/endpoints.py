@@ -631,27 +631,6 @@ class EndpointView:
     open_for: float | None = None
     last_event: EndpointEvent | None = None
 
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "url": self.url,
-            "host": self.host,
-            "enabled": self.enabled,
-            "disabled_reason": self.disabled_reason,
-            "disabled_at": self.disabled_at.isoformat() if self.disabled_at else None,
-            "rate_limit": self.rate_limit,
-            "breaker": self.breaker,
-            "failures": self.failures,
-            "open_for": self.open_for,
-            "last_event": None
-            if self.last_event is None
-            else {
-                "event": self.last_event.event,
-                "reason": self.last_event.reason,
-                "at": self.last_event.at.isoformat(),
-            },
-        }
-
 
 def _check_url(url: str) -> str:
     from channels_core.validation import check_endpoint_url

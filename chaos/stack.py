@@ -9,8 +9,6 @@ and stops exactly what it started, by PID, on success, failure or Ctrl-C.
 from __future__ import annotations
 
 import contextlib
-import os
-import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,7 +19,7 @@ import psycopg
 import redis
 from sqlalchemy.engine import make_url
 
-from channels_cli.processes import Process, celery_command
+from channels_cli.processes import Process, beat_args, worker_args
 from channels_core import embedded, migrate
 from channels_core.models import Base
 from channels_core.names import ALL_QUEUES
@@ -167,26 +165,16 @@ class Scene:
         wait: bool = True,
         queues: Sequence[str] = ALL_QUEUES,
     ) -> Process:
+        # The chaos plugins (a transport that kills its worker) load with
+        # --include, as any third-party transport module would.
         args = [
             *prefix,
-            *celery_command(),
-            "-A",
-            "workers",
-            "worker",
-            "--loglevel",
-            "INFO",
-            "--concurrency",
-            str(concurrency),
-            "--hostname",
-            f"{self.name}-{what}-{os.getpid()}-{time.monotonic_ns()}@%h",
-            "-Q",
-            ",".join(queues),
-            "--without-gossip",
-            "--without-mingle",
-            # The chaos plugins (a transport that kills its worker) load here,
-            # as any third-party transport module would.
-            "--include",
-            "chaos.plugins",
+            *worker_args(
+                f"{self.name}-{what}",
+                concurrency=concurrency,
+                queues=queues,
+                extra=("--include", "chaos.plugins"),
+            ),
         ]
         process = Process(what, args, {**self.env, **(env or {})}, self.log_path(what))
         self.started.append(process)
@@ -196,18 +184,7 @@ class Scene:
 
     def start_beat(self, env: Mapping[str, str] | None = None, *, wait: bool = True) -> Process:
         schedule = self.chaos.home / f"beat-{self.name}-{self._serial}"
-        args = [
-            *celery_command(),
-            "-A",
-            "workers",
-            "beat",
-            "--loglevel",
-            "INFO",
-            "--schedule",
-            str(schedule),
-            "--pidfile",
-            "",
-        ]
+        args = beat_args(schedule)
         process = Process("beat", args, {**self.env, **(env or {})}, self.log_path("beat"))
         self.started.append(process)
         if wait:
