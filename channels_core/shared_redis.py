@@ -12,6 +12,8 @@ import asyncio
 import weakref
 
 import redis.asyncio
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from channels_core.settings import get_settings
 
@@ -62,6 +64,9 @@ def client() -> redis.asyncio.Redis | None:
             socket_timeout=10,
             decode_responses=True,
             health_check_interval=30,
+            # A restarted server leaves this client a dead connection; one
+            # retry on a fresh one, instead of failing the first call after.
+            retry=Retry(NoBackoff(), 1),
         )
     return found
 
