@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import ColumnElement, Engine, any_, bindparam, create_engine, event, func
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -35,6 +36,9 @@ __all__ = [
     "session",
     "dispose",
     "is_postgres",
+    "one_of",
+    "unnest",
+    "constant",
 ]
 
 _engines: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncEngine] = (
@@ -85,6 +89,22 @@ def insert(session: AsyncSession, table: Any) -> Any:
 
 def is_postgres() -> bool:
     return _base_url().get_backend_name() == "postgresql"
+
+
+def one_of(column: Any, values: Sequence[Any]) -> ColumnElement[bool]:
+    """``column IN (values)``, as each backend runs it best.
+
+    PostgreSQL gets one array parameter (``= ANY(...)``): the statement's
+    text is the same for 3 ids or 300, so psycopg keeps it parsed and
+    prepared, where an expanded IN list is a new statement of hundreds of
+    placeholders that psycopg re-parses in Python on every execute.
+    """
+    matches: ColumnElement[bool]
+    if is_postgres():
+        matches = column == any_(bindparam(None, list(values), type_=postgresql.ARRAY(column.type)))
+    else:
+        matches = column.in_(list(values))
+    return matches
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -143,12 +163,42 @@ def get_sync_engine() -> Engine:
     return _sync_engine
 
 
+def unnest(model: Any, name: str, arrays: Mapping[str, Sequence[Any]]) -> Any:
+    """PostgreSQL: ``unnest(:c1, :c2, ...) AS name(c1, c2, ...)``, rows as column arrays.
+
+    ``INSERT ... SELECT`` from it, or ``UPDATE ... FROM`` it, writes any
+    number of rows with one parameter per column: the statement's text does
+    not grow with the rows, so psycopg parses and prepares it once and
+    PostgreSQL plans it once. Each array is cast to its column's type; what
+    is the same for every row belongs in a ``constant`` instead.
+    """
+    table = model.__table__
+    params = [
+        bindparam(f"{name}_{column}", list(values), type_=postgresql.ARRAY(table.c[column].type))
+        for column, values in arrays.items()
+    ]
+    return func.unnest(*params).table_valued(*arrays).render_derived(name=name)
+
+
+def constant(model: Any, column: str, value: Any) -> Any:
+    """``value`` as a parameter of ``column``'s type, labelled with its name."""
+    return bindparam(None, value, type_=model.__table__.c[column].type).label(column)
+
+
 @asynccontextmanager
-async def session() -> AsyncIterator[AsyncSession]:
-    """A session whose objects stay readable after commit."""
+async def session(*, autocommit: bool = False) -> AsyncIterator[AsyncSession]:
+    """A session whose objects stay readable after commit.
+
+    With ``autocommit`` every statement commits on its own and no BEGIN,
+    COMMIT or ROLLBACK is sent: for the delivery engine's hot path, where
+    each step is one statement that is atomic by itself.
+    """
     if _stale:
         await _dispose_stale(asyncio.get_running_loop())
-    maker = async_sessionmaker(get_engine(), expire_on_commit=False)
+    engine = get_engine()
+    if autocommit:
+        engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+    maker = async_sessionmaker(engine, expire_on_commit=False)
     async with maker() as s:
         yield s
 

@@ -21,10 +21,12 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import case, func, or_, select, update
+from sqlalchemy.dialects import postgresql as db_postgresql
+from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from channels_core import db, endpoints, metrics
@@ -36,6 +38,7 @@ from channels_core.models import (
     ChannelRow,
     DeliveryRow,
     DeliveryStatus,
+    MessageReferenceRow,
     MessageRow,
     OutboxRow,
     PrincipalRow,
@@ -173,19 +176,37 @@ async def route(job: RouteJob) -> RouteStats:
                 }
                 for sid in subscriber_ids
             ]
-            # RETURNING turns on SQLAlchemy's batched multi-row VALUES
-            # ("insertmanyvalues"), which ON CONFLICT alone does not: one
-            # statement per page instead of one per row.
-            await s.execute(
-                db.insert(s, DeliveryRow).on_conflict_do_nothing().returning(DeliveryRow.id), rows
-            )
+            if db.is_postgres():
+                # One array parameter for the one column that differs: the
+                # statement's text is the same for every page.
+                varying = db.unnest(DeliveryRow, "d", {"subscriber_id": subscriber_ids})
+                same = {k: v for k, v in rows[0].items() if k != "subscriber_id"}
+                await s.execute(
+                    db_postgresql.insert(DeliveryRow)
+                    .from_select(
+                        ["subscriber_id", *same],
+                        select(
+                            varying.c.subscriber_id,
+                            *(db.constant(DeliveryRow, k, v) for k, v in same.items()),
+                        ),
+                    )
+                    .on_conflict_do_nothing()
+                )
+            else:
+                # RETURNING turns on SQLAlchemy's batched multi-row VALUES
+                # ("insertmanyvalues"), which ON CONFLICT alone does not: one
+                # statement per page instead of one per row.
+                await s.execute(
+                    db.insert(s, DeliveryRow).on_conflict_do_nothing().returning(DeliveryRow.id),
+                    rows,
+                )
             ids = list(
                 await s.scalars(
                     select(DeliveryRow.id)
                     .where(
                         DeliveryRow.message_id == outbox.message_id,
                         DeliveryRow.channel_id == outbox.channel_id,
-                        DeliveryRow.subscriber_id.in_(subscriber_ids),
+                        db.one_of(DeliveryRow.subscriber_id, subscriber_ids),
                         DeliveryRow.status.in_(_NOT_FINAL),
                     )
                     .order_by(DeliveryRow.id)
@@ -217,42 +238,63 @@ async def _mark_routed(outbox_id: int, transport: str | None, error: str | None)
 # -- delivering a batch --------------------------------------------------------
 
 
-async def _claim(batch: Batch, claimant: str) -> list[_Claimed]:
+async def _claim(batch: Batch, claimant: str) -> tuple[list[_Claimed], dict[int, Principal] | None]:
+    """Claim what of ``batch`` is claimable; on PostgreSQL, with its subscribers.
+
+    There the claim and the subscribers' rows are one statement (the UPDATE
+    in a CTE joined to ``principals``), committed on its own: one round trip
+    where a transaction of two statements took four.
+    """
     settings = get_settings()
     now = utcnow()
-    async with db.session() as s, s.begin():
-        claimed = await s.execute(
-            update(DeliveryRow)
-            .where(
-                DeliveryRow.id.in_(batch.delivery_ids),
-                DeliveryRow.status.in_(_NOT_FINAL),
-                or_(
-                    DeliveryRow.next_attempt_at.is_(None),
-                    DeliveryRow.next_attempt_at <= now + timedelta(seconds=1),
-                ),
-                or_(
-                    DeliveryRow.claimed_until.is_(None),
-                    DeliveryRow.claimed_until < now,
-                    DeliveryRow.claimed_by == claimant,
-                ),
-            )
-            .values(
-                claimed_by=claimant,
-                claimed_until=now + timedelta(seconds=settings.claim_lease),
-                queued_until=now + timedelta(seconds=settings.claim_lease),
-                claims=DeliveryRow.claims + 1,
-            )
-            .returning(
-                DeliveryRow.id,
-                DeliveryRow.subscriber_id,
-                DeliveryRow.attempts,
-                DeliveryRow.retry_base,
-                DeliveryRow.claims,
-                DeliveryRow.transport,
-            )
-            .execution_options(synchronize_session=False)
+    until = now + timedelta(seconds=settings.claim_lease)
+    claim = (
+        update(DeliveryRow)
+        .where(
+            db.one_of(DeliveryRow.id, batch.delivery_ids),
+            DeliveryRow.status.in_(_NOT_FINAL),
+            or_(
+                DeliveryRow.next_attempt_at.is_(None),
+                DeliveryRow.next_attempt_at <= now + timedelta(seconds=1),
+            ),
+            or_(
+                DeliveryRow.claimed_until.is_(None),
+                DeliveryRow.claimed_until < now,
+                DeliveryRow.claimed_by == claimant,
+            ),
         )
-        return [_Claimed(*row) for row in claimed.all()]
+        .values(
+            claimed_by=claimant,
+            claimed_until=until,
+            queued_until=until,
+            claims=DeliveryRow.claims + 1,
+        )
+        .returning(
+            DeliveryRow.id,
+            DeliveryRow.subscriber_id,
+            DeliveryRow.attempts,
+            DeliveryRow.retry_base,
+            DeliveryRow.claims,
+            DeliveryRow.transport,
+        )
+    )
+    if not db.is_postgres():
+        async with db.session() as s, s.begin():
+            result = await s.execute(claim.execution_options(synchronize_session=False))
+            return [_Claimed(*row) for row in result.all()], None
+    claimed = claim.cte("claimed")
+    query = select(claimed, PrincipalRow).outerjoin(
+        PrincipalRow, PrincipalRow.id == claimed.c.subscriber_id
+    )
+    async with db.session(autocommit=True) as s:
+        found: list[Any] = list((await s.execute(query)).all())
+    principals: dict[int, Principal] = {}
+    out: list[_Claimed] = []
+    for *fields, principal in found:
+        out.append(_Claimed(*fields))
+        if principal is not None:
+            principals[principal.id] = Principal._from_row(principal)
+    return out, principals
 
 
 async def _split(batch: Batch, claimed: list[_Claimed], claimant: str) -> None:
@@ -290,28 +332,55 @@ async def _split(batch: Batch, claimed: list[_Claimed], claimant: str) -> None:
 
 
 async def _load(
-    batch: Batch, subscriber_ids: list[int]
+    batch: Batch, subscriber_ids: list[int], principals: dict[int, Principal] | None
 ) -> tuple[Message, Channel, dict[int, Principal]]:
-    async with db.session() as s:
-        message_row = await s.get(MessageRow, batch.message_id)
-        channel_row = await s.get(ChannelRow, batch.channel_id)
-        if message_row is None:
-            raise NotFoundError("message", batch.message_id)
-        if channel_row is None:
-            raise NotFoundError("channel", batch.channel_id)
-        principals = {
-            row.id: Principal._from_row(row)
-            for row in await s.scalars(
-                select(PrincipalRow).where(PrincipalRow.id.in_(subscriber_ids))
+    """The batch's message (with its references), channel and subscribers.
+
+    On PostgreSQL the message, its references and the channel are one
+    statement, and the subscribers came with the claim.
+    """
+    message: Message | None = None
+    channel: Channel | None = None
+    if db.is_postgres():
+        references = (
+            select(
+                func.array_agg(
+                    aggregate_order_by(
+                        MessageReferenceRow.referenced_id, MessageReferenceRow.position
+                    )
+                )
             )
-        }
-    message = (
-        await Message.get(batch.message_id)
-        if message_row.reply_to_id
-        else Message._from_row(message_row)
-    )
-    assert message is not None
-    return message, Channel._from_row(channel_row), principals
+            .where(MessageReferenceRow.message_id == MessageRow.id)
+            .scalar_subquery()
+        )
+        async with db.session(autocommit=True) as s:
+            found = (
+                await s.execute(
+                    select(MessageRow, ChannelRow, references)
+                    .join(ChannelRow, ChannelRow.id == batch.channel_id)
+                    .where(MessageRow.id == batch.message_id)
+                )
+            ).first()
+        if found is not None:
+            message = Message._from_row(found[0], found[2] or ())
+            channel = Channel._from_row(found[1])
+    else:
+        message = await Message.get(batch.message_id)
+        channel = await Channel.get(batch.channel_id)
+    if message is None or channel is None:
+        # Name what is gone (on PostgreSQL one missing row hides both).
+        if await Message.get(batch.message_id) is None:
+            raise NotFoundError("message", batch.message_id)
+        raise NotFoundError("channel", batch.channel_id)
+    if principals is None:
+        async with db.session() as s:
+            principals = {
+                row.id: Principal._from_row(row)
+                for row in await s.scalars(
+                    select(PrincipalRow).where(db.one_of(PrincipalRow.id, subscriber_ids))
+                )
+            }
+    return message, channel, principals
 
 
 async def _ensure_generated_aliases(transport: Any, principals: dict[int, Principal]) -> None:
@@ -365,7 +434,7 @@ async def deliver(batch: Batch, claimant: str) -> BatchStats:
     """Attempt every claimable delivery of ``batch`` once; record and schedule."""
     settings = get_settings()
     stats = BatchStats()
-    claimed = await _claim(batch, claimant)
+    claimed, principals = await _claim(batch, claimant)
     stats.claimed = len(claimed)
     stats.skipped = len(batch.delivery_ids) - len(claimed)
     if not claimed:
@@ -390,7 +459,7 @@ async def deliver(batch: Batch, claimant: str) -> BatchStats:
             permanent=True,
         )
     else:
-        resolved = await _attempt(batch, claimed, transport_name, results, deferred)
+        resolved = await _attempt(batch, claimed, principals, transport_name, results, deferred)
         if resolved:
             transport_name = resolved
     elapsed_ms = (time.perf_counter() - started) * 1000
@@ -484,15 +553,17 @@ async def deliver(batch: Batch, claimant: str) -> BatchStats:
             }
         )
         stats.outcomes.append(result)
-    async with db.session() as s, s.begin():
-        if attempt_rows:
-            await s.execute(
-                db.insert(s, AttemptRow).on_conflict_do_nothing().returning(AttemptRow.id),
-                attempt_rows,
-            )
-        await _write_states(s, updates)
-        if waits:
-            await s.execute(update(DeliveryRow), waits)
+    await _record(
+        _Outcome(
+            transport_name or NO_TRANSPORT,
+            resolved,
+            started_at,
+            finished_at,
+            attempt_rows,
+            updates,
+            waits,
+        )
+    )
     _observe(batch, transport_name or NO_TRANSPORT, attempt_rows, updates, stats, elapsed_ms)
     dispatcher = get_dispatcher()
     for delay, ids in soon.items():
@@ -506,6 +577,7 @@ async def deliver(batch: Batch, claimant: str) -> BatchStats:
 async def _attempt(
     batch: Batch,
     claimed: list[_Claimed],
+    loaded: dict[int, Principal] | None,
     transport_name: str | None,
     results: dict[int, TransportResult],
     deferred: dict[int, tuple[float, str]],
@@ -517,7 +589,9 @@ async def _attempt(
     resolved: str | None = None
     recipients: list[Principal] = []
     try:
-        message, channel, principals = await _load(batch, [c.subscriber_id for c in claimed])
+        message, channel, principals = await _load(
+            batch, [c.subscriber_id for c in claimed], loaded
+        )
         if transport_name == NO_TRANSPORT:
             # Routed while no transport was available; a replay resolves afresh.
             transport_name = resolved = channel.get_egress_repository().resolve_name()
@@ -694,6 +768,104 @@ def _observe(
                 "status_code": change["last_status_code"],
             },
         )
+
+
+@dataclass
+class _Outcome:
+    """What a batch writes when it ends: attempt rows, new delivery states
+    and the due times of deliveries deferred without an attempt."""
+
+    transport: str
+    resolved: str | None
+    started_at: datetime
+    finished_at: datetime
+    attempts: list[dict[str, Any]]
+    states: list[dict[str, Any]]
+    waits: list[dict[str, Any]]
+
+
+async def _record(outcome: _Outcome) -> None:
+    """Write a batch's attempt rows and its deliveries' new states together."""
+    if not db.is_postgres():
+        async with db.session() as s, s.begin():
+            if outcome.attempts:
+                await s.execute(
+                    db.insert(s, AttemptRow).on_conflict_do_nothing().returning(AttemptRow.id),
+                    outcome.attempts,
+                )
+            await _write_states(s, outcome.states)
+            if outcome.waits:
+                await s.execute(update(DeliveryRow), outcome.waits)
+        return
+    async with db.session(autocommit=True) as s:
+        if outcome.states:
+            await s.execute(_record_statement(outcome))
+        if outcome.waits:
+            await s.execute(update(DeliveryRow), outcome.waits)
+
+
+def _record_statement(outcome: _Outcome) -> Any:
+    """PostgreSQL: the attempt rows and the new states as ONE statement.
+
+    ``WITH a AS (INSERT INTO delivery_attempts SELECT ... FROM unnest(...))
+    UPDATE deliveries ... FROM unnest(...)``: a statement is atomic, so the
+    rows of an attempt and its outcome still land together; each column is
+    one array parameter, so the text never changes and stays prepared.
+    """
+    a = db.unnest(
+        AttemptRow,
+        "a",
+        {
+            column: [row[column] for row in outcome.attempts]
+            for column in ("delivery_id", "attempt", "status", "status_code", "error", "latency_ms")
+        },
+    )
+    finished_at = outcome.finished_at
+    same = {
+        "transport": outcome.transport,
+        "started_at": outcome.started_at,
+        "finished_at": finished_at,
+    }
+    new_attempts = (
+        db_postgresql.insert(AttemptRow)
+        .from_select(
+            [*a.c.keys(), *same],
+            select(*a.c, *(db.constant(AttemptRow, k, v) for k, v in same.items())),
+        )
+        .on_conflict_do_nothing()
+        .cte("new_attempts")
+    )
+    u = db.unnest(
+        DeliveryRow,
+        "u",
+        {
+            column: [change[column] for change in outcome.states]
+            for column in (
+                *("id", "status", "attempts", "last_status_code", "last_error"),
+                *("next_attempt_at", "queued_until"),
+            )
+        },
+    )
+    values: dict[str, Any] = {column.key: column for column in u.c if column.key != "id"}
+    values.update(
+        delivered_at=case(
+            (u.c.status == DeliveryStatus.DELIVERED, finished_at),
+            else_=DeliveryRow.delivered_at,
+        ),
+        claimed_by=None,
+        claimed_until=None,
+        claims=0,
+        updated_at=finished_at,
+    )
+    if outcome.resolved:
+        values["transport"] = outcome.resolved
+    return (
+        update(DeliveryRow)
+        .where(DeliveryRow.id == u.c.id)
+        .values(values)
+        .add_cte(new_attempts)
+        .execution_options(synchronize_session=False)
+    )
 
 
 async def _write_states(s: AsyncSession, updates: list[dict[str, Any]]) -> None:
