@@ -397,6 +397,33 @@ async def test_deliver_records_one_attempt_per_try_and_marks_delivered(
     }
 
 
+async def test_a_delivered_message_carries_its_references_without_being_a_reply(
+    dispatcher: MemoryDispatcher, install: Callable[[Any], Any]
+) -> None:
+    seen: list[tuple[int | None, list[int]]] = []
+
+    async def record(message: Message, channel: Channel, subscriber: Principal) -> None:
+        seen.append((message.reply_to_id, message.references))
+
+    install(FunctionEgress(record, name="memory"))
+    author = await make_author()
+    channel = await make_channel("memory")
+    await add_subscribers(channel, 2)
+    first, _ = await send(author, channel, "first")
+    second, _ = await send(author, channel, "second")
+    third = Message("cites both", author_id=author.id)
+    third.add_reference(second.id).add_reference(first.id)  # type: ignore[arg-type]
+    await third.send(channel)
+    before = len(dispatcher.batches)
+    await delivery.route(dispatcher.jobs[-1])
+    [batch] = [b for b, _ in dispatcher.batches[before:]]
+
+    stats = await delivery.deliver(batch, claimant="t1")
+
+    assert stats.delivered == 2
+    assert seen == [(None, [second.id, first.id])] * 2
+
+
 async def test_a_redelivered_batch_skips_final_deliveries_and_writes_no_attempts(
     dispatcher: MemoryDispatcher, memory: MemoryEgress
 ) -> None:
