@@ -45,7 +45,9 @@ class Settings(BaseSettings):
     )
 
     batch_size: int = 200
-    route_page_size: int = 1000
+    # One route page is a handful of statements whatever its size (column
+    # arrays), so pages are large: routing 100k subscribers takes 20 of them.
+    route_page_size: int = 5000
     # At least the batch size, so a batch to slow endpoints takes one round trip, not several.
     max_in_flight: int = 256
     http_connect_timeout: float = 5.0
