@@ -925,18 +925,17 @@ class Message:
     ) -> set[int]:
         """Which of ``ids`` are in ``column``: one query on PostgreSQL (``= ANY(array)``),
         ``IN`` lists of a bounded size on SQLite."""
-        wanted = list(dict.fromkeys(ids))
+        # An id past 64 bits cannot be in the table; sent to the database it
+        # fails the driver's conversion instead of being reported missing.
+        wanted = [i for i in dict.fromkeys(ids) if i < 2**63]
         found: set[int] = set()
         if not wanted:
             return found
         if s.get_bind().dialect.name == "postgresql":
-            # An id past BIGINT cannot be in the table; in the array it would
-            # fail the cast instead of being reported missing.
-            in_range = [i for i in wanted if i < 2**63]
             found.update(
                 await s.scalars(
                     select(column).where(
-                        column == any_(bindparam("ids", in_range, type_=ARRAY(BigInteger)))
+                        column == any_(bindparam("ids", wanted, type_=ARRAY(BigInteger)))
                     )
                 )
             )
