@@ -13,13 +13,15 @@ to enqueue routing (see ``channels_core.sending``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import BigInteger, Insert, any_, bindparam, delete, func, insert, select, update
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import InstrumentedAttribute
 
 from channels_core import db
 from channels_core.errors import ConflictError, NotFoundError, ValidationError
@@ -836,30 +838,112 @@ class Message:
 
     @classmethod
     async def _insert_many(cls, s: AsyncSession, messages: Sequence[Message]) -> None:
-        """Write new messages in one multi-row INSERT (``send_many``'s path).
+        """Write new messages in bulk (``send_many``'s path).
 
-        Each is validated and its links checked as ``_write`` would; only the
-        writes are batched: one statement for the rows, one for references.
+        Each is validated and its links checked as ``_write`` would, naming the
+        same first missing link, but the links are looked up a few queries per
+        batch instead of one per message, and the rows go in one statement.
         """
         for m in messages:
             assert m.id is None
             m._validate()
-            await m._check_links(s)
-        created = await s.execute(
-            insert(MessageRow).returning(
-                MessageRow.id, MessageRow.created_at, sort_by_parameter_order=True
-            ),
-            [{**m._values(), "created_at": utcnow()} for m in messages],
+        principals = await cls._existing_ids(
+            s, PrincipalRow.id, [m.author_id for m in messages if m.author_id is not None]
         )
-        for m, (message_id, created_at) in zip(messages, created.all(), strict=True):
-            m.id, m.created_at = message_id, created_at
+        conversations = await cls._existing_ids(
+            s,
+            ConversationRow.id,
+            [m.conversation_id for m in messages if m.conversation_id is not None],
+        )
+        linked = await cls._existing_ids(
+            s,
+            MessageRow.id,
+            [r for m in messages for r in (m.reply_to_id, *m._references) if r is not None],
+        )
+        for m in messages:  # _check_links' order, so the same link is named
+            if m.author_id is not None and m.author_id not in principals:
+                raise NotFoundError("principal", m.author_id)
+            if m.conversation_id is not None and m.conversation_id not in conversations:
+                raise NotFoundError("conversation", m.conversation_id)
+            for r in (m.reply_to_id, *m._references):
+                if r is not None and r not in linked:
+                    raise NotFoundError("message", r)
+        rows = [{**m._values(), "created_at": utcnow()} for m in messages]
+        postgres = s.get_bind().dialect.name == "postgresql"
+        if postgres:
+            # The sequence numbers rows in the ORDER BY's order, so the ids
+            # sorted are the messages' ids in order: what SQLAlchemy's own
+            # sort_by_parameter_order relies on for PostgreSQL.
+            created = await s.scalars(cls._unnest_insert(MessageRow, rows).returning(MessageRow.id))
+            ids = sorted(created)
+        else:
+            created = await s.scalars(
+                insert(MessageRow).returning(MessageRow.id, sort_by_parameter_order=True), rows
+            )
+            ids = list(created)
+        for m, message_id, row in zip(messages, ids, rows, strict=True):
+            m.id, m.created_at = message_id, row["created_at"]
         references = [
             {"message_id": m.id, "referenced_id": r, "position": i}
             for m in messages
             for i, r in enumerate(m._references)
         ]
-        if references:
+        if references and postgres:
+            await s.execute(cls._unnest_insert(MessageReferenceRow, references))
+        elif references:
             await s.execute(insert(MessageReferenceRow), references)
+
+    @staticmethod
+    def _unnest_insert(model: type[Any], rows: Sequence[Mapping[str, Any]]) -> Insert:
+        """PostgreSQL: ``INSERT ... SELECT ... FROM unnest(:col1, :col2, ...)``, one
+        array per column of ``rows`` (all with the same keys), in ``rows``' order.
+
+        The statement's text is the same for any number of rows, so psycopg
+        parses it once and the server prepares it; a multi-row VALUES of a
+        thousand rows is a new, long text that psycopg re-parses in Python on
+        every execute.
+        """
+        table = model.__table__
+        names = list(rows[0])
+        source = (
+            func.unnest(
+                *(
+                    bindparam(name, [row[name] for row in rows], type_=ARRAY(table.c[name].type))
+                    for name in names
+                )
+            )
+            .table_valued(*names, with_ordinality="ordinal")
+            .render_derived()
+        )
+        return insert(table).from_select(
+            names, select(*(source.c[name] for name in names)).order_by(source.c.ordinal)
+        )
+
+    @staticmethod
+    async def _existing_ids(
+        s: AsyncSession, column: InstrumentedAttribute[int], ids: Iterable[int]
+    ) -> set[int]:
+        """Which of ``ids`` are in ``column``: one query on PostgreSQL (``= ANY(array)``),
+        ``IN`` lists of a bounded size on SQLite."""
+        # An id past 64 bits cannot be in the table; sent to the database it
+        # fails the driver's conversion instead of being reported missing.
+        wanted = [i for i in dict.fromkeys(ids) if i < 2**63]
+        found: set[int] = set()
+        if not wanted:
+            return found
+        if s.get_bind().dialect.name == "postgresql":
+            found.update(
+                await s.scalars(
+                    select(column).where(
+                        column == any_(bindparam("ids", wanted, type_=ARRAY(BigInteger)))
+                    )
+                )
+            )
+            return found
+        batch = 5000  # well under SQLite's bound-parameter limit
+        for i in range(0, len(wanted), batch):
+            found.update(await s.scalars(select(column).where(column.in_(wanted[i : i + batch]))))
+        return found
 
     async def save(self) -> Message:
         async with db.session() as s, s.begin():

@@ -216,10 +216,6 @@ async def channel_results(
     return results
 
 
-# Ids per ``IN (...)`` list: well under SQLite's and PostgreSQL's bound-parameter limits.
-_IN_BATCH = 5000
-
-
 async def check_messages(messages: Sequence[Message]) -> None:
     """Refuse what ``send_messages`` would refuse for these messages, writing nothing.
 
@@ -254,10 +250,7 @@ async def check_messages(messages: Sequence[Message]) -> None:
     async with db.session() as s:
         for kind, column, named in wanted:
             ids = list(dict.fromkeys(named))  # first named first: the error names that one
-            found: set[int] = set()
-            for i in range(0, len(ids), _IN_BATCH):
-                batch = ids[i : i + _IN_BATCH]
-                found.update(await s.scalars(select(column).where(column.in_(batch))))
+            found = await Message._existing_ids(s, column, ids)
             for ident in ids:
                 if ident not in found:
                     raise NotFoundError(kind, ident)
@@ -329,12 +322,14 @@ async def send_messages(
                 )
         outbox_ids: dict[tuple[int, int], int] = {}
         if rows:
-            inserted = await s.execute(
-                insert(OutboxRow).returning(
-                    OutboxRow.id, OutboxRow.message_id, OutboxRow.channel_id
-                ),
-                rows,
-            )
+            returning = (OutboxRow.id, OutboxRow.message_id, OutboxRow.channel_id)
+            if s.get_bind().dialect.name == "postgresql":
+                # One short statement for any number of rows (see _unnest_insert).
+                inserted = await s.execute(
+                    Message._unnest_insert(OutboxRow, rows).returning(*returning)
+                )
+            else:
+                inserted = await s.execute(insert(OutboxRow).returning(*returning), rows)
             for new_id, message_id, channel_id in inserted:
                 outbox_ids[(message_id, channel_id)] = new_id
         subscriber_counts = dict(

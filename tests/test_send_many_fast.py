@@ -1,0 +1,158 @@
+"""``send_many``'s bulk path on both backends: messages, references and outbox
+entries written in a few statements (``unnest`` arrays on PostgreSQL, the
+portable multi-row forms on SQLite) land on the right ids, in order, and a
+missing link anywhere in a batch is refused by name with nothing written."""
+
+from __future__ import annotations
+
+import pytest
+from _support import principal_with, unchanged
+from sqlalchemy import select
+
+from channels_core import db
+from channels_core.dispatch import MemoryDispatcher, RouteJob
+from channels_core.errors import NotFoundError
+from channels_core.models import MessageReferenceRow, MessageRow, OutboxRow
+from channels_core.permissions import SUBMIT
+from channels_core.primitives import Channel, Conversation, Message
+from producer import AsyncProducer
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def test_a_batch_lands_on_the_right_ids_with_its_links_and_outbox(
+    database: str, dispatcher: MemoryDispatcher
+) -> None:
+    author = await principal_with(SUBMIT)
+    a = await Channel("a").save()
+    b = await Channel("b").save()
+    conversation = await Conversation().set_title("Planning").save()
+    root = await Message("root", author_id=author.id).save()
+    other = await Message("other", author_id=author.id).save()
+    assert root.id is not None and other.id is not None
+    specs = [
+        {
+            "content": f"m{i}",
+            "author_id": author.id,
+            "content_type": "text/markdown" if i % 2 else "text/plain",
+            "reply_to_id": root.id if i % 3 == 0 else None,
+            "conversation_id": conversation.id if i % 4 == 0 else None,
+            "references": [other.id, root.id] if i % 5 == 0 else [],
+        }
+        for i in range(250)
+    ]
+
+    dispatches = await AsyncProducer().send_many(specs, [a, b], chunk=100)
+
+    ids = [d.message_id for d in dispatches]
+    assert len(ids) == 250 and len(set(ids)) == 250 and None not in ids
+    async with db.session() as s:
+        rows = {r.id: r for r in await s.scalars(select(MessageRow).where(MessageRow.id.in_(ids)))}
+        references = (
+            await s.execute(
+                select(
+                    MessageReferenceRow.message_id,
+                    MessageReferenceRow.referenced_id,
+                    MessageReferenceRow.position,
+                ).where(MessageReferenceRow.message_id.in_(ids))
+            )
+        ).all()
+        outbox = (
+            await s.execute(
+                select(OutboxRow.id, OutboxRow.message_id, OutboxRow.channel_id)
+                .where(OutboxRow.message_id.in_(ids))
+                .order_by(OutboxRow.id)
+            )
+        ).all()
+    for spec, message_id in zip(specs, ids, strict=True):
+        row = rows[message_id]  # type: ignore[index]
+        assert (
+            row.content,
+            row.content_type,
+            row.author_id,
+            row.reply_to_id,
+            row.conversation_id,
+        ) == (
+            spec["content"],
+            spec["content_type"],
+            spec["author_id"],
+            spec["reply_to_id"],
+            spec["conversation_id"],
+        )
+        assert row.created_at is not None
+    assert sorted(references) == sorted(
+        (message_id, ref, position)
+        for spec, message_id in zip(specs, ids, strict=True)
+        for position, ref in enumerate(spec["references"])  # type: ignore[arg-type]
+    )
+    assert sorted((m, c) for _, m, c in outbox) == sorted((m, c) for m in ids for c in (a.id, b.id))
+    assert sorted(dispatcher.jobs, key=lambda j: j.outbox_id) == [
+        RouteJob(o, m, c) for o, m, c in outbox
+    ]
+    for d, message_id in zip(dispatches, ids, strict=True):
+        assert [(r.channel_id, r.success, r.message_id) for r in d] == [
+            (a.id, True, message_id),
+            (b.id, True, message_id),
+        ]
+    fetched = await Message.get(ids[5])  # type: ignore[arg-type]
+    assert fetched is not None and fetched.references == [other.id, root.id]
+    assert fetched.created_at is not None
+
+
+async def test_created_at_follows_the_order_sent(database: str) -> None:
+    author = await principal_with(SUBMIT)
+    channel = await Channel("General").save()
+    dispatches = await AsyncProducer().send_many(
+        [{"content": f"m{i}", "author_id": author.id} for i in range(50)], channel
+    )
+    messages = [await Message.get(d.message_id) for d in dispatches]  # type: ignore[arg-type]
+    assert [m.content for m in messages if m is not None] == [f"m{i}" for i in range(50)]
+    stamps = [m.created_at for m in messages if m is not None]
+    assert stamps == sorted(stamps)
+
+
+@pytest.mark.parametrize(
+    ("second", "named"),
+    [
+        # _check_links' order within a message: author, conversation, reply, references.
+        ({"author_id": 990, "conversation_id": 991}, ("principal", 990)),
+        ({"conversation_id": 991, "reply_to_id": 992}, ("conversation", 991)),
+        ({"reply_to_id": 992, "references": [993]}, ("message", 992)),
+        ({"references": [994, 993]}, ("message", 994)),
+        ({"conversation_id": 2**63}, ("conversation", 2**63)),
+        ({"references": [2**64]}, ("message", 2**64)),
+    ],
+)
+async def test_a_missing_link_anywhere_refuses_the_whole_batch(
+    database: str,
+    dispatcher: MemoryDispatcher,
+    second: dict[str, object],
+    named: tuple[str, int],
+) -> None:
+    author = await principal_with(SUBMIT)
+    channel = await Channel("General").save()
+    good = {"content": "fine", "author_id": author.id}
+    batch = [good, {**good, "content": "bad", **second}, {**good, "reply_to_id": 999}]
+
+    async with unchanged():
+        with pytest.raises(NotFoundError) as refused:
+            await AsyncProducer().send_many(batch, channel)
+
+    kind, ident = named
+    assert str(refused.value) == str(NotFoundError(kind, ident))
+    assert dispatcher.jobs == []
+
+
+async def test_an_earlier_message_missing_a_link_is_named_first(
+    database: str, dispatcher: MemoryDispatcher
+) -> None:
+    author = await principal_with(SUBMIT)
+    channel = await Channel("General").save()
+    batch = [
+        {"content": "first", "author_id": author.id, "references": [995]},
+        {"content": "second", "author_id": author.id, "conversation_id": 996},
+    ]
+    async with unchanged():
+        with pytest.raises(NotFoundError) as refused:
+            await AsyncProducer().send_many(batch, channel)
+    assert str(refused.value) == str(NotFoundError("message", 995))
