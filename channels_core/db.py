@@ -11,11 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
-from sqlalchemy import ColumnElement, Engine, any_, bindparam, create_engine, event, func
+from sqlalchemy import (
+    ColumnElement,
+    Engine,
+    Insert,
+    any_,
+    bindparam,
+    create_engine,
+    event,
+    func,
+    select,
+)
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import (
@@ -39,6 +49,8 @@ __all__ = [
     "one_of",
     "unnest",
     "constant",
+    "insert_rows",
+    "existing_ids",
 ]
 
 _engines: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncEngine] = (
@@ -163,21 +175,57 @@ def get_sync_engine() -> Engine:
     return _sync_engine
 
 
-def unnest(model: Any, name: str, arrays: Mapping[str, Sequence[Any]]) -> Any:
+def unnest(
+    model: Any, name: str, arrays: Mapping[str, Sequence[Any]], *, ordinal: bool = False
+) -> Any:
     """PostgreSQL: ``unnest(:c1, :c2, ...) AS name(c1, c2, ...)``, rows as column arrays.
 
     ``INSERT ... SELECT`` from it, or ``UPDATE ... FROM`` it, writes any
     number of rows with one parameter per column: the statement's text does
     not grow with the rows, so psycopg parses and prepares it once and
     PostgreSQL plans it once. Each array is cast to its column's type; what
-    is the same for every row belongs in a ``constant`` instead.
+    is the same for every row belongs in a ``constant`` instead. With
+    ``ordinal`` a column ``ordinal`` numbers the rows from 1.
     """
     table = model.__table__
     params = [
         bindparam(f"{name}_{column}", list(values), type_=postgresql.ARRAY(table.c[column].type))
         for column, values in arrays.items()
     ]
-    return func.unnest(*params).table_valued(*arrays).render_derived(name=name)
+    names = list(arrays)
+    return (
+        func.unnest(*params)
+        .table_valued(*names, with_ordinality="ordinal" if ordinal else None)
+        .render_derived(name=name)
+    )
+
+
+def insert_rows(model: Any, rows: Sequence[Mapping[str, Any]]) -> Insert:
+    """PostgreSQL: ``INSERT ... SELECT ... FROM unnest(...) ORDER BY ordinal``.
+
+    ``rows`` all have the same keys. Rows are inserted in their order, so a
+    sequence numbers them in that order: sorted, the ids RETURNING gives are
+    the rows' ids in order (what SQLAlchemy's ``sort_by_parameter_order``
+    relies on for PostgreSQL).
+    """
+    names = list(rows[0])
+    source = unnest(model, "r", {n: [row[n] for row in rows] for n in names}, ordinal=True)
+    return postgresql.insert(model).from_select(
+        names, select(*(source.c[n] for n in names)).order_by(source.c.ordinal)
+    )
+
+
+async def existing_ids(s: AsyncSession, column: Any, ids: Iterable[int]) -> set[int]:
+    """Which of ``ids`` are in ``column``, in one query on PostgreSQL
+    (``one_of``) and in ``IN`` lists of a bounded size on SQLite."""
+    # An id past 64 bits cannot be in the table; sent to the database it
+    # fails the driver's conversion instead of being reported missing.
+    wanted = [i for i in dict.fromkeys(ids) if i < 2**63]
+    found: set[int] = set()
+    step = len(wanted) if is_postgres() else 5000  # SQLite's bound-parameter limit
+    for i in range(0, len(wanted), max(1, step)):
+        found.update(await s.scalars(select(column).where(one_of(column, wanted[i : i + step]))))
+    return found
 
 
 def constant(model: Any, column: str, value: Any) -> Any:

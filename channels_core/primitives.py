@@ -13,15 +13,13 @@ to enqueue routing (see ``channels_core.sending``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from sqlalchemy import BigInteger, Insert, any_, bindparam, delete, func, insert, select, update
-from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import InstrumentedAttribute
 
 from channels_core import db
 from channels_core.errors import ConflictError, NotFoundError, ValidationError
@@ -847,15 +845,15 @@ class Message:
         for m in messages:
             assert m.id is None
             m._validate()
-        principals = await cls._existing_ids(
+        principals = await db.existing_ids(
             s, PrincipalRow.id, [m.author_id for m in messages if m.author_id is not None]
         )
-        conversations = await cls._existing_ids(
+        conversations = await db.existing_ids(
             s,
             ConversationRow.id,
             [m.conversation_id for m in messages if m.conversation_id is not None],
         )
-        linked = await cls._existing_ids(
+        linked = await db.existing_ids(
             s,
             MessageRow.id,
             [r for m in messages for r in (m.reply_to_id, *m._references) if r is not None],
@@ -874,7 +872,7 @@ class Message:
             # The sequence numbers rows in the ORDER BY's order, so the ids
             # sorted are the messages' ids in order: what SQLAlchemy's own
             # sort_by_parameter_order relies on for PostgreSQL.
-            created = await s.scalars(cls._unnest_insert(MessageRow, rows).returning(MessageRow.id))
+            created = await s.scalars(db.insert_rows(MessageRow, rows).returning(MessageRow.id))
             ids = sorted(created)
         else:
             created = await s.scalars(
@@ -889,61 +887,9 @@ class Message:
             for i, r in enumerate(m._references)
         ]
         if references and postgres:
-            await s.execute(cls._unnest_insert(MessageReferenceRow, references))
+            await s.execute(db.insert_rows(MessageReferenceRow, references))
         elif references:
             await s.execute(insert(MessageReferenceRow), references)
-
-    @staticmethod
-    def _unnest_insert(model: type[Any], rows: Sequence[Mapping[str, Any]]) -> Insert:
-        """PostgreSQL: ``INSERT ... SELECT ... FROM unnest(:col1, :col2, ...)``, one
-        array per column of ``rows`` (all with the same keys), in ``rows``' order.
-
-        The statement's text is the same for any number of rows, so psycopg
-        parses it once and the server prepares it; a multi-row VALUES of a
-        thousand rows is a new, long text that psycopg re-parses in Python on
-        every execute.
-        """
-        table = model.__table__
-        names = list(rows[0])
-        source = (
-            func.unnest(
-                *(
-                    bindparam(name, [row[name] for row in rows], type_=ARRAY(table.c[name].type))
-                    for name in names
-                )
-            )
-            .table_valued(*names, with_ordinality="ordinal")
-            .render_derived()
-        )
-        return insert(table).from_select(
-            names, select(*(source.c[name] for name in names)).order_by(source.c.ordinal)
-        )
-
-    @staticmethod
-    async def _existing_ids(
-        s: AsyncSession, column: InstrumentedAttribute[int], ids: Iterable[int]
-    ) -> set[int]:
-        """Which of ``ids`` are in ``column``: one query on PostgreSQL (``= ANY(array)``),
-        ``IN`` lists of a bounded size on SQLite."""
-        # An id past 64 bits cannot be in the table; sent to the database it
-        # fails the driver's conversion instead of being reported missing.
-        wanted = [i for i in dict.fromkeys(ids) if i < 2**63]
-        found: set[int] = set()
-        if not wanted:
-            return found
-        if s.get_bind().dialect.name == "postgresql":
-            found.update(
-                await s.scalars(
-                    select(column).where(
-                        column == any_(bindparam("ids", wanted, type_=ARRAY(BigInteger)))
-                    )
-                )
-            )
-            return found
-        batch = 5000  # well under SQLite's bound-parameter limit
-        for i in range(0, len(wanted), batch):
-            found.update(await s.scalars(select(column).where(column.in_(wanted[i : i + batch]))))
-        return found
 
     async def save(self) -> Message:
         async with db.session() as s, s.begin():

@@ -250,7 +250,7 @@ async def check_messages(messages: Sequence[Message]) -> None:
     async with db.session() as s:
         for kind, column, named in wanted:
             ids = list(dict.fromkeys(named))  # first named first: the error names that one
-            found = await Message._existing_ids(s, column, ids)
+            found = await db.existing_ids(s, column, ids)
             for ident in ids:
                 if ident not in found:
                     raise NotFoundError(kind, ident)
@@ -324,10 +324,8 @@ async def send_messages(
         if rows:
             returning = (OutboxRow.id, OutboxRow.message_id, OutboxRow.channel_id)
             if s.get_bind().dialect.name == "postgresql":
-                # One short statement for any number of rows (see _unnest_insert).
-                inserted = await s.execute(
-                    Message._unnest_insert(OutboxRow, rows).returning(*returning)
-                )
+                # One short statement for any number of rows (see db.insert_rows).
+                inserted = await s.execute(db.insert_rows(OutboxRow, rows).returning(*returning))
             else:
                 inserted = await s.execute(insert(OutboxRow).returning(*returning), rows)
             for new_id, message_id, channel_id in inserted:
