@@ -132,7 +132,13 @@ class Settings(BaseSettings):
 
     @property
     def allowed_content_types(self) -> frozenset[str]:
-        return frozenset(t.strip() for t in self.content_types.split(",") if t.strip())
+        return _content_types(self.content_types)
+
+
+@lru_cache(maxsize=8)
+def _content_types(value: str) -> frozenset[str]:
+    # Checked once per message sent: parse the setting once, not every time.
+    return frozenset(t.strip() for t in value.split(",") if t.strip())
 
 
 @lru_cache(maxsize=1)
