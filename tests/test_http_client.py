@@ -10,9 +10,13 @@ loopback even if the guard were broken.
 from __future__ import annotations
 
 import asyncio
+import shutil
 import socket
+import ssl
+import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -438,6 +442,67 @@ async def test_connection_refused_is_a_transient_connection_failure(client: Http
     probe.close()  # bound once, never listening: refused
     with pytest.raises(TransientDeliveryError, match="connection failed"):
         await post(client, f"http://127.0.0.1:{port}/")
+
+
+# -- https ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def certificate(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for localhost, made by the openssl command."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+        + ["-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost"]
+        + ["-addext", "subjectAltName=DNS:localhost"],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    return cert, key
+
+
+async def test_https_verifies_the_certificate_and_sends_sni(
+    loopback: None, certificate: tuple[Path, Path]
+) -> None:
+    cert, key = certificate
+    names: list[str | None] = []
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+
+    def sni(_sock: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> None:
+        names.append(name)
+
+    server_context.sni_callback = sni  # type: ignore[assignment]
+
+    async def handler(
+        server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        while await server.read_request(reader) is not None:
+            writer.write(OK)
+            await writer.drain()
+
+    raw = await asyncio.start_server(
+        lambda r, w: handler(tls, r, w), "127.0.0.1", 0, ssl=server_context
+    )
+    tls = Server(handler)
+    url = f"https://localhost:{raw.sockets[0].getsockname()[1]}/hook"
+    trusting = HttpClient(pool_size=2, ssl_context=ssl.create_default_context(cafile=str(cert)))
+    default = HttpClient(pool_size=2)
+    try:
+        assert (await post(trusting, url)).status == 200
+        assert (await post(trusting, url)).status == 200
+        with pytest.raises(TransientDeliveryError, match="connection failed: TLS: .*verif"):
+            await post(default, url)
+    finally:
+        await trusting.aclose()
+        await default.aclose()
+        raw.close()
+        await raw.wait_closed()
+
+    assert len(tls.requests) == 2 and names[:1] == ["localhost"]
 
 
 # -- the SSRF guard at connect ------------------------------------------------------------

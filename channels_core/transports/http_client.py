@@ -330,6 +330,9 @@ class _Connection(asyncio.Protocol):
     def abort(self) -> None:
         self.closed = True
         self.reusable = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self.transport is not None:
             self.transport.abort()
 
