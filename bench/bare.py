@@ -30,7 +30,9 @@ async def _drive(post: Post, count: int, concurrency: int) -> tuple[int, float]:
             done += status == 200
 
     started = time.perf_counter()
-    share = [count // concurrency + (1 if i < count % concurrency else 0) for i in range(concurrency)]
+    share = [
+        count // concurrency + (1 if i < count % concurrency else 0) for i in range(concurrency)
+    ]
     await asyncio.gather(*(worker(n) for n in share))
     return done, time.perf_counter() - started
 

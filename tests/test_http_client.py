@@ -628,3 +628,56 @@ async def test_aclose_closes_idle_connections(loopback: None) -> None:
             await post(c, server.url())
     finally:
         await server.__aexit__()
+
+
+# -- URLs: the per-origin cache says what the full parse says ----------------------------
+
+URLS = [
+    "http://127.0.0.1:8080/hook",
+    "http://127.0.0.1:8080/hook?a=1&b=2#frag",
+    "http://127.0.0.1:8080?x=1",
+    "http://127.0.0.1:8080#only-fragment",
+    "http://127.0.0.1:8080",
+    "https://example.com/a/b;c?d=e",
+    "https://EXAMPLE.com:443/x",
+    "http://[::1]:9000/v6",
+    "http://[::ffff:10.0.0.1]/x",
+    "http://user:pw@example.com/x",
+    "http://example.com:0/x",
+    "http://2130706433/x",
+    "http://0x7f.0.0.1/x",
+    "http://10.0.0.1/x",
+    "ftp://example.com/x",
+    "http:///nohost",
+    "http://[::1/broken",
+    "http://example.com/with space",
+    "http://example.com/caf\u00e9",
+    "http://b\u00fccher.example/x",
+    "http://example.com/" + "x" * 2100,
+    "http://example.com/a\r\nInjected: 1",
+    "not a url",
+]
+
+
+@pytest.mark.parametrize("url", URLS)
+def test_the_origin_cache_parses_every_url_as_the_full_parse_does(url: str) -> None:
+    def outcome(parse: Callable[[str], tuple[object, bytes]]) -> object:
+        try:
+            return parse(url)
+        except PermanentDeliveryError as exc:
+            return str(exc)
+
+    assert outcome(http_client._route) == outcome(http_client._parse.__wrapped__)
+
+
+@pytest.mark.parametrize("url", URLS)
+@pytest.mark.parametrize("allow", ["", "127.0.0.0/8"])
+def test_url_problems_with_the_origin_cache_match_the_full_check(url: str, allow: str) -> None:
+    from channels_core.transports import http
+
+    previous = get_settings()
+    configure(previous, egress_allow_cidrs=allow)
+    try:
+        assert http._url_problem(url, allow) == http._full_url_problem.__wrapped__(url, allow)
+    finally:
+        configure(previous)

@@ -37,6 +37,7 @@ from channels_core.transports.http_client import (
     HttpClient,
     default_ssl_context,
     guarded_socket,
+    split_origin,
 )
 from channels_core.validation import check_endpoint_url
 
@@ -95,11 +96,30 @@ def classify_status(status: int) -> str:
     return "permanent"
 
 
-@lru_cache(maxsize=4096)
 def _url_problem(url: str, allow_cidrs: str) -> str | None:
-    """Why ``url`` may not be posted to, checked once per URL and allow-list:
-    syntax, scheme, and an IP literal the guard refuses (hostnames are
-    checked at connect time, after DNS)."""
+    """Why ``url`` may not be posted to: syntax, scheme, and an IP literal the
+    guard refuses (hostnames are checked at connect time, after DNS).
+
+    A fan-out's URLs are mostly one origin with a path per subscriber, so
+    each is seen once: the origin's checks are cached, and all the path can
+    add to them (length, CR, LF, NUL) is checked here. A problem is always
+    reported from the full URL's check, so its wording names the URL.
+    """
+    split = split_origin(url)
+    if (
+        split is not None
+        and len(url) <= 2048
+        and "\r" not in url
+        and "\n" not in url
+        and "\x00" not in url
+        and _full_url_problem(split[0], allow_cidrs) is None
+    ):
+        return None
+    return _full_url_problem(url, allow_cidrs)
+
+
+@lru_cache(maxsize=4096)
+def _full_url_problem(url: str, allow_cidrs: str) -> str | None:
     try:
         check_endpoint_url(url)
         host = urlsplit(url).hostname or ""

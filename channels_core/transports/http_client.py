@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import re
 import socket
 import ssl
 from collections import deque
@@ -102,7 +103,7 @@ class _Target:
     port: int
     literal: bool
     tls: bool
-    head_prefix: bytes  # b"POST /path HTTP/1.1\r\nHost: ...\r\n"
+    host_line: bytes  # b"Host: example.com:8080\r\n"
 
 
 def guarded_socket(addr_info: AddrInfo) -> socket.socket:
@@ -176,11 +177,28 @@ def _allowed(host: str, found: Iterable[AddrInfo]) -> list[AddrInfo]:
 
 
 _TARGET_SAFE = "/%:@!$&'()*+,;=-._~?"
+_PATH_START = re.compile(r"[/?#]")
+
+
+def split_origin(url: str) -> tuple[str, str] | None:
+    """``url`` cut where ``urlsplit`` ends the netloc: ``("http://h:1", "/p?q")``.
+
+    A fan-out's endpoints mostly share a few origins and differ in the path;
+    what depends on the origin (host, port, the guard's view of an IP
+    literal) is then worked out once per origin. ``None`` without "://".
+    """
+    at = url.find("://")
+    if at <= 0:
+        return None
+    found = _PATH_START.search(url, at + 3)
+    if found is None:
+        return url, ""
+    return url[: found.start()], url[found.start() :]
 
 
 @lru_cache(maxsize=4096)
-def _target(url: str) -> _Target:
-    """What a URL means on the wire, computed once per URL."""
+def _parse(url: str) -> tuple[_Target, bytes]:
+    """What a URL means on the wire: where to connect, and the request's first lines."""
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -212,10 +230,30 @@ def _target(url: str) -> _Target:
     if not target.isascii() or any(c in target for c in " \t\r\n"):
         target = quote(target, safe=_TARGET_SAFE)
     try:
-        head_prefix = f"POST {target} HTTP/1.1\r\nHost: {host_header}\r\n".encode("ascii")
+        host_line = f"Host: {host_header}\r\n".encode("ascii")
+        head = f"POST {target} HTTP/1.1\r\n".encode("ascii") + host_line
     except UnicodeError as exc:
         raise PermanentDeliveryError(f"invalid endpoint URL: {exc}") from exc
-    return _Target((parts.scheme, host, port), host, port, literal, tls, head_prefix)
+    return _Target((parts.scheme, host, port), host, port, literal, tls, host_line), head
+
+
+def _route(url: str) -> tuple[_Target, bytes]:
+    """``_parse(url)``, with the origin's part cached once for all its paths."""
+    split = split_origin(url)
+    if split is None:
+        return _parse(url)
+    origin, rest = split
+    if not rest.isascii() or " " in rest or "\t" in rest or "\r" in rest or "\n" in rest:
+        return _parse(url)  # urlsplit's clean-up and percent-encoding: the slow road
+    try:
+        target = _parse(origin)[0]
+    except PermanentDeliveryError:
+        return _parse(url)  # the same refusal, worded with the whole URL
+    if "#" in rest:
+        rest = rest[: rest.index("#")]
+    if not rest or rest[0] == "?":
+        rest = "/" + rest
+    return target, b"POST " + rest.encode("ascii") + b" HTTP/1.1\r\n" + target.host_line
 
 
 @lru_cache(maxsize=1)
@@ -582,7 +620,7 @@ class HttpClient:
         deadline: float,
         max_body: int,
     ) -> Response:
-        target = _target(url)
+        target, head = _route(url)
         text = "".join([f"{name}: {value}\r\n" for name, value in headers.items()])
         # One CR and one LF per header line, or a name or value smuggles a line in.
         if text.count("\n") != len(headers) or text.count("\r") != len(headers):
@@ -591,9 +629,7 @@ class HttpClient:
             extra = text.encode("latin-1")
         except UnicodeEncodeError as exc:
             raise PermanentDeliveryError(f"a request header is not latin-1: {exc}") from exc
-        data = b"".join(
-            (target.head_prefix, extra, b"Content-Length: %d\r\n\r\n" % len(body), body)
-        )
+        data = b"".join((head, extra, b"Content-Length: %d\r\n\r\n" % len(body), body))
         loop = self.loop
         deadline_at = loop.time() + deadline
         fresh = False
