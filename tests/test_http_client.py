@@ -210,6 +210,23 @@ async def test_the_pool_never_opens_more_than_its_size(loopback: None) -> None:
     assert server.connections == 2 and most == 2
 
 
+async def test_a_full_pool_closes_an_idle_connection_to_reach_another_host(
+    loopback: None,
+) -> None:
+    servers = [await serving(answering(OK)) for _ in range(3)]
+    small = HttpClient(pool_size=2)
+    try:
+        for server in [*servers, servers[0]]:
+            assert (await post(small, server.url(), deadline=3.0)).status == 200
+    finally:
+        await small.aclose()
+        for server in servers:
+            await server.__aexit__()
+
+    # The first host's idle connection made room for the third, then was dialled anew.
+    assert [s.connections for s in servers] == [2, 1, 1]
+
+
 async def test_connection_close_in_the_answer_is_not_reused(client: HttpClient) -> None:
     closing = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
     server = await serving(answering(closing, then_close=True))

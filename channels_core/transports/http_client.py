@@ -738,8 +738,12 @@ class HttpClient:
     def _evict_idle(self) -> bool:
         """Close the longest-idle connection to make room for another host."""
         oldest: _Connection | None = None
+        # Hosts with nothing idle are forgotten here, off the hot path, so a
+        # pool that has seen many hosts does not scan them all on every dial.
+        for key in [k for k, idle in self._idle.items() if not idle]:
+            del self._idle[key]
         for idle in self._idle.values():
-            if idle and (oldest is None or idle[0].idle_since < oldest.idle_since):
+            if oldest is None or idle[0].idle_since < oldest.idle_since:
                 oldest = idle[0]
         if oldest is None:
             return False
