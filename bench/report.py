@@ -107,7 +107,7 @@ def targets(figures: list[Figure], cpus: int) -> list[Target]:
 
     s1 = median("S1", "channels")
     s1n = median("S1", "naive Celery")
-    s1b = median("S1", "bare aiohttp client")
+    s1b = median("S1", "bare client")
     check("S1", "≥ 5,000 deliveries/s", s1, bool(s1 and s1 >= 5000), f"{_fmt(s1 or 0)}/s")
     if s1 and s1n:
         check("S1", "≥ 15× naive", s1 / s1n, s1 / s1n >= 15, f"{s1 / s1n:.1f}×")

@@ -171,8 +171,8 @@ def naive_fanout(
 
 
 def bare(machine: Machine, n: int, port: int, runs: int) -> Figure:
-    """The bare aiohttp client: the ceiling for HTTP on this machine."""
-    figure = Figure("S1", "bare aiohttp client", notes=f"n={n}, 1 process, 64 connections")
+    """The bare client: the ceiling for HTTP on this machine."""
+    figure = Figure("S1", "bare client", notes=f"n={n}, 1 process, 64 connections")
     for run in range(runs):
         out = machine.start(
             f"bare-{run}",

@@ -29,6 +29,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
@@ -48,7 +49,9 @@ __all__ = [
     "is_postgres",
     "one_of",
     "unnest",
+    "arrays",
     "constant",
+    "autocommit",
     "insert_rows",
     "existing_ids",
 ]
@@ -175,29 +178,34 @@ def get_sync_engine() -> Engine:
     return _sync_engine
 
 
-def unnest(
-    model: Any, name: str, arrays: Mapping[str, Sequence[Any]], *, ordinal: bool = False
-) -> Any:
-    """PostgreSQL: ``unnest(:c1, :c2, ...) AS name(c1, c2, ...)``, rows as column arrays.
+def unnest(model: Any, name: str, columns: Sequence[str], *, ordinal: bool = False) -> Any:
+    """PostgreSQL: ``unnest(:name_c1, :name_c2, ...) AS name(c1, c2, ...)``.
 
-    ``INSERT ... SELECT`` from it, or ``UPDATE ... FROM`` it, writes any
-    number of rows with one parameter per column: the statement's text does
-    not grow with the rows, so psycopg parses and prepares it once and
-    PostgreSQL plans it once. Each array is cast to its column's type; what
-    is the same for every row belongs in a ``constant`` instead. With
-    ``ordinal`` a column ``ordinal`` numbers the rows from 1.
+    Rows as column arrays: ``INSERT ... SELECT`` from it, or ``UPDATE ...
+    FROM`` it, writes any number of rows with one parameter per column
+    (``arrays`` makes them). The statement's text does not grow with the
+    rows, so psycopg parses and prepares it once and PostgreSQL plans it
+    once. Each array is cast to its column's type; what is the same for
+    every row belongs in a plain parameter instead. With ``ordinal`` a
+    column ``ordinal`` numbers the rows from 1.
     """
     table = model.__table__
     params = [
-        bindparam(f"{name}_{column}", list(values), type_=postgresql.ARRAY(table.c[column].type))
-        for column, values in arrays.items()
+        bindparam(f"{name}_{column}", type_=postgresql.ARRAY(table.c[column].type))
+        for column in columns
     ]
-    names = list(arrays)
     return (
         func.unnest(*params)
-        .table_valued(*names, with_ordinality="ordinal" if ordinal else None)
+        .table_valued(*columns, with_ordinality="ordinal" if ordinal else None)
         .render_derived(name=name)
     )
+
+
+def arrays(
+    name: str, columns: Sequence[str], rows: Sequence[Mapping[str, Any]]
+) -> dict[str, list[Any]]:
+    """The parameters of ``unnest(model, name, columns)`` for ``rows``."""
+    return {f"{name}_{column}": [row[column] for row in rows] for column in columns}
 
 
 def insert_rows(model: Any, rows: Sequence[Mapping[str, Any]]) -> Insert:
@@ -209,10 +217,9 @@ def insert_rows(model: Any, rows: Sequence[Mapping[str, Any]]) -> Insert:
     relies on for PostgreSQL).
     """
     names = list(rows[0])
-    source = unnest(model, "r", {n: [row[n] for row in rows] for n in names}, ordinal=True)
-    return postgresql.insert(model).from_select(
-        names, select(*(source.c[n] for n in names)).order_by(source.c.ordinal)
-    )
+    source = unnest(model, "r", names, ordinal=True)
+    ordered = select(*(source.c[n] for n in names)).order_by(source.c.ordinal)
+    return postgresql.insert(model).from_select(names, ordered.params(arrays("r", names, rows)))
 
 
 async def existing_ids(s: AsyncSession, column: Any, ids: Iterable[int]) -> set[int]:
@@ -231,6 +238,17 @@ async def existing_ids(s: AsyncSession, column: Any, ids: Iterable[int]) -> set[
 def constant(model: Any, column: str, value: Any) -> Any:
     """``value`` as a parameter of ``column``'s type, labelled with its name."""
     return bindparam(None, value, type_=model.__table__.c[column].type).label(column)
+
+
+@asynccontextmanager
+async def autocommit() -> AsyncIterator[AsyncConnection]:
+    """A Core connection whose every statement commits on its own: no BEGIN,
+    COMMIT or ROLLBACK round trips, no ORM (the delivery engine's hot path)."""
+    if _stale:
+        await _dispose_stale(asyncio.get_running_loop())
+    engine = get_engine().execution_options(isolation_level="AUTOCOMMIT")
+    async with engine.connect() as conn:
+        yield conn
 
 
 @asynccontextmanager

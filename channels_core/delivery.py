@@ -24,12 +24,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import case, func, or_, select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.dialects import postgresql as db_postgresql
-from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from channels_core import db, endpoints, metrics
+from channels_core import db, delivery_pg, endpoints, metrics
 from channels_core.dispatch import Batch, RouteJob, get_dispatcher
 from channels_core.errors import ConfigurationError, NotFoundError, ValidationError
 from channels_core.models import (
@@ -38,8 +37,6 @@ from channels_core.models import (
     ChannelRow,
     DeliveryRow,
     DeliveryStatus,
-    MessageReferenceRow,
-    MessageRow,
     OutboxRow,
     PrincipalRow,
     SubscriptionRow,
@@ -179,7 +176,7 @@ async def route(job: RouteJob) -> RouteStats:
             if db.is_postgres():
                 # One array parameter for the one column that differs: the
                 # statement's text is the same for every page.
-                varying = db.unnest(DeliveryRow, "d", {"subscriber_id": subscriber_ids})
+                varying = db.unnest(DeliveryRow, "d", ["subscriber_id"])
                 same = {k: v for k, v in rows[0].items() if k != "subscriber_id"}
                 await s.execute(
                     db_postgresql.insert(DeliveryRow)
@@ -188,7 +185,7 @@ async def route(job: RouteJob) -> RouteStats:
                         select(
                             varying.c.subscriber_id,
                             *(db.constant(DeliveryRow, k, v) for k, v in same.items()),
-                        ),
+                        ).params(d_subscriber_id=subscriber_ids),
                     )
                     .on_conflict_do_nothing()
                 )
@@ -239,14 +236,15 @@ async def _mark_routed(outbox_id: int, transport: str | None, error: str | None)
 
 
 async def _claim(batch: Batch, claimant: str) -> tuple[list[_Claimed], dict[int, Principal] | None]:
-    """Claim what of ``batch`` is claimable; on PostgreSQL, with its subscribers.
-
-    There the claim and the subscribers' rows are one statement (the UPDATE
-    in a CTE joined to ``principals``), committed on its own: one round trip
-    where a transaction of two statements took four.
-    """
+    """Claim what of ``batch`` is claimable; on PostgreSQL, with its subscribers
+    (one statement: ``channels_core.delivery_pg``)."""
     settings = get_settings()
     now = utcnow()
+    if db.is_postgres():
+        rows, principals = await delivery_pg.claim(
+            batch.delivery_ids, claimant, now, settings.claim_lease
+        )
+        return [_Claimed(*row) for row in rows], principals
     until = now + timedelta(seconds=settings.claim_lease)
     claim = (
         update(DeliveryRow)
@@ -278,23 +276,9 @@ async def _claim(batch: Batch, claimant: str) -> tuple[list[_Claimed], dict[int,
             DeliveryRow.transport,
         )
     )
-    if not db.is_postgres():
-        async with db.session() as s, s.begin():
-            result = await s.execute(claim.execution_options(synchronize_session=False))
-            return [_Claimed(*row) for row in result.all()], None
-    claimed = claim.cte("claimed")
-    query = select(claimed, PrincipalRow).outerjoin(
-        PrincipalRow, PrincipalRow.id == claimed.c.subscriber_id
-    )
-    async with db.session(autocommit=True) as s:
-        found: list[Any] = list((await s.execute(query)).all())
-    principals: dict[int, Principal] = {}
-    out: list[_Claimed] = []
-    for *fields, principal in found:
-        out.append(_Claimed(*fields))
-        if principal is not None:
-            principals[principal.id] = Principal._from_row(principal)
-    return out, principals
+    async with db.session() as s, s.begin():
+        result = await s.execute(claim.execution_options(synchronize_session=False))
+        return [_Claimed(*row) for row in result.all()], None
 
 
 async def _split(batch: Batch, claimed: list[_Claimed], claimant: str) -> None:
@@ -342,28 +326,9 @@ async def _load(
     message: Message | None = None
     channel: Channel | None = None
     if db.is_postgres():
-        references = (
-            select(
-                func.array_agg(
-                    aggregate_order_by(
-                        MessageReferenceRow.referenced_id, MessageReferenceRow.position
-                    )
-                )
-            )
-            .where(MessageReferenceRow.message_id == MessageRow.id)
-            .scalar_subquery()
-        )
-        async with db.session(autocommit=True) as s:
-            found = (
-                await s.execute(
-                    select(MessageRow, ChannelRow, references)
-                    .join(ChannelRow, ChannelRow.id == batch.channel_id)
-                    .where(MessageRow.id == batch.message_id)
-                )
-            ).first()
+        found = await delivery_pg.load(batch.message_id, batch.channel_id)
         if found is not None:
-            message = Message._from_row(found[0], found[2] or ())
-            channel = Channel._from_row(found[1])
+            message, channel = found
     else:
         message = await Message.get(batch.message_id)
         channel = await Channel.get(batch.channel_id)
@@ -797,75 +762,18 @@ async def _record(outcome: _Outcome) -> None:
             if outcome.waits:
                 await s.execute(update(DeliveryRow), outcome.waits)
         return
-    async with db.session(autocommit=True) as s:
-        if outcome.states:
-            await s.execute(_record_statement(outcome))
-        if outcome.waits:
-            await s.execute(update(DeliveryRow), outcome.waits)
-
-
-def _record_statement(outcome: _Outcome) -> Any:
-    """PostgreSQL: the attempt rows and the new states as ONE statement.
-
-    ``WITH a AS (INSERT INTO delivery_attempts SELECT ... FROM unnest(...))
-    UPDATE deliveries ... FROM unnest(...)``: a statement is atomic, so the
-    rows of an attempt and its outcome still land together; each column is
-    one array parameter, so the text never changes and stays prepared.
-    """
-    a = db.unnest(
-        AttemptRow,
-        "a",
-        {
-            column: [row[column] for row in outcome.attempts]
-            for column in ("delivery_id", "attempt", "status", "status_code", "error", "latency_ms")
-        },
-    )
-    finished_at = outcome.finished_at
-    same = {
-        "transport": outcome.transport,
-        "started_at": outcome.started_at,
-        "finished_at": finished_at,
-    }
-    new_attempts = (
-        db_postgresql.insert(AttemptRow)
-        .from_select(
-            [*a.c.keys(), *same],
-            select(*a.c, *(db.constant(AttemptRow, k, v) for k, v in same.items())),
+    if outcome.states:
+        await delivery_pg.record(
+            outcome.attempts,
+            outcome.states,
+            outcome.transport,
+            outcome.resolved,
+            outcome.started_at,
+            outcome.finished_at,
         )
-        .on_conflict_do_nothing()
-        .cte("new_attempts")
-    )
-    u = db.unnest(
-        DeliveryRow,
-        "u",
-        {
-            column: [change[column] for change in outcome.states]
-            for column in (
-                *("id", "status", "attempts", "last_status_code", "last_error"),
-                *("next_attempt_at", "queued_until"),
-            )
-        },
-    )
-    values: dict[str, Any] = {column.key: column for column in u.c if column.key != "id"}
-    values.update(
-        delivered_at=case(
-            (u.c.status == DeliveryStatus.DELIVERED, finished_at),
-            else_=DeliveryRow.delivered_at,
-        ),
-        claimed_by=None,
-        claimed_until=None,
-        claims=0,
-        updated_at=finished_at,
-    )
-    if outcome.resolved:
-        values["transport"] = outcome.resolved
-    return (
-        update(DeliveryRow)
-        .where(DeliveryRow.id == u.c.id)
-        .values(values)
-        .add_cte(new_attempts)
-        .execution_options(synchronize_session=False)
-    )
+    if outcome.waits:
+        async with db.session() as s, s.begin():
+            await s.execute(update(DeliveryRow), outcome.waits)
 
 
 async def _write_states(s: AsyncSession, updates: list[dict[str, Any]]) -> None:

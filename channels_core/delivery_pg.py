@@ -1,0 +1,214 @@
+"""The delivery engine's statements on PostgreSQL: a batch in three round trips.
+
+``channels_core.delivery`` runs every batch through these when the database
+is PostgreSQL (SQLite keeps the portable statements there):
+
+- ``claim``: the UPDATE that claims the batch's deliveries, in a CTE joined
+  to ``principals``, so the subscribers come back with the claim;
+- ``load``: the message with its references, and the channel;
+- ``record``: the attempt rows (an INSERT in a CTE) and the deliveries' new
+  states, one statement, so an attempt and its outcome land together.
+
+Each is built once per process with named parameters and runs in autocommit
+on a Core connection: no BEGIN/COMMIT round trips, no per-call statement
+construction or cache-key walk, no ORM objects. Rows travel as column
+arrays (``unnest``, ``= ANY``), so the text never changes with the batch
+size and psycopg prepares each statement once.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from functools import cache
+from typing import TYPE_CHECKING, Any, cast
+
+from sqlalchemy import Executable, bindparam, case, func, or_, select, update
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects.postgresql import aggregate_order_by
+
+from channels_core import db
+from channels_core.models import (
+    AttemptRow,
+    ChannelRow,
+    DeliveryRow,
+    DeliveryStatus,
+    MessageReferenceRow,
+    MessageRow,
+    PrincipalRow,
+    UTCDateTime,
+)
+from channels_core.primitives import Channel, Message, Principal
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+__all__ = ["claim", "load", "record", "ATTEMPT_ARRAYS", "STATE_ARRAYS"]
+
+# Columns that differ per delivery, sent as one array each.
+ATTEMPT_ARRAYS = ("delivery_id", "attempt", "status", "status_code", "error", "latency_ms")
+STATE_ARRAYS = (
+    *("id", "status", "attempts", "last_status_code", "last_error"),
+    *("next_attempt_at", "queued_until"),
+)
+_PRINCIPAL = PrincipalRow.__table__.c
+
+
+def _stamp(name: str) -> Any:
+    return bindparam(name, type_=UTCDateTime())
+
+
+@cache
+def _claim_statement() -> Executable:
+    now = _stamp("now")
+    until = _stamp("until")
+    claimant = bindparam("claimant", type_=DeliveryRow.claimed_by.type)
+    claimed = (
+        update(DeliveryRow)
+        .where(
+            DeliveryRow.id
+            == func.any(bindparam("ids", type_=postgresql.ARRAY(DeliveryRow.id.type))),
+            DeliveryRow.status.in_((DeliveryStatus.PENDING, DeliveryStatus.RETRYING)),
+            or_(
+                DeliveryRow.next_attempt_at.is_(None), DeliveryRow.next_attempt_at <= _stamp("due")
+            ),
+            or_(
+                DeliveryRow.claimed_until.is_(None),
+                DeliveryRow.claimed_until < now,
+                DeliveryRow.claimed_by == claimant,
+            ),
+        )
+        .values(
+            claimed_by=claimant,
+            claimed_until=until,
+            queued_until=until,
+            claims=DeliveryRow.claims + 1,
+        )
+        .returning(
+            DeliveryRow.id.label("delivery_id"),
+            DeliveryRow.subscriber_id,
+            DeliveryRow.attempts,
+            DeliveryRow.retry_base,
+            DeliveryRow.claims,
+            DeliveryRow.transport,
+        )
+        .cte("claimed")
+    )
+    return select(claimed, *_PRINCIPAL).outerjoin(
+        PrincipalRow.__table__, _PRINCIPAL.id == claimed.c.subscriber_id
+    )
+
+
+async def claim(
+    ids: Sequence[int], claimant: str, now: datetime, lease: float
+) -> tuple[list[tuple[int, int, int, int, int, str]], dict[int, Principal]]:
+    """Claim what of ``ids`` is claimable; the claimed rows and their subscribers."""
+    until = now + timedelta(seconds=lease)
+    params = {
+        "ids": list(ids),
+        "claimant": claimant,
+        "now": now,
+        "due": now + timedelta(seconds=1),
+        "until": until,
+    }
+    async with db.autocommit() as conn:
+        rows = (await conn.execute(_claim_statement(), params)).all()
+    claimed = []
+    principals: dict[int, Principal] = {}
+    for row in rows:
+        claimed.append(
+            (
+                row.delivery_id,
+                row.subscriber_id,
+                row.attempts,
+                row.retry_base,
+                row.claims,
+                row.transport,
+            )
+        )
+        if row.id is not None:
+            # The row carries the principal's columns under their own names.
+            principals[row.id] = Principal._from_row(cast(PrincipalRow, row))
+    return claimed, principals
+
+
+@cache
+def _load_statement() -> Executable:
+    references = (
+        select(
+            func.array_agg(
+                aggregate_order_by(MessageReferenceRow.referenced_id, MessageReferenceRow.position)
+            )
+        )
+        .where(MessageReferenceRow.message_id == MessageRow.id)
+        .scalar_subquery()
+    )
+    return (
+        select(MessageRow, ChannelRow, references)
+        .join(ChannelRow, ChannelRow.id == bindparam("channel_id", type_=ChannelRow.id.type))
+        .where(MessageRow.id == bindparam("message_id", type_=MessageRow.id.type))
+    )
+
+
+async def load(message_id: int, channel_id: int) -> tuple[Message, Channel] | None:
+    """The message with its references, and the channel; None if either is gone."""
+    async with db.session(autocommit=True) as s:
+        found = (
+            await s.execute(_load_statement(), {"message_id": message_id, "channel_id": channel_id})
+        ).first()
+    if found is None:
+        return None
+    return Message._from_row(found[0], found[2] or ()), Channel._from_row(found[1])
+
+
+@cache
+def _record_statement(resolved: bool) -> Executable:
+    a = db.unnest(AttemptRow, "a", ATTEMPT_ARRAYS)
+    # Named apart from the columns: SQLAlchemy reserves a column's own name.
+    finished_at = _stamp("batch_finished_at")
+    same = {
+        "transport": bindparam("batch_transport", type_=AttemptRow.transport.type),
+        "started_at": _stamp("batch_started_at"),
+        "finished_at": finished_at,
+    }
+    new_attempts = (
+        postgresql.insert(AttemptRow)
+        .from_select([*ATTEMPT_ARRAYS, *same], select(*a.c, *same.values()))
+        .on_conflict_do_nothing()
+        .cte("new_attempts")
+    )
+    u = db.unnest(DeliveryRow, "u", STATE_ARRAYS)
+    values: dict[str, Any] = {column.key: column for column in u.c if column.key != "id"}
+    values.update(
+        delivered_at=case(
+            (u.c.status == DeliveryStatus.DELIVERED, finished_at), else_=DeliveryRow.delivered_at
+        ),
+        claimed_by=None,
+        claimed_until=None,
+        claims=0,
+        updated_at=finished_at,
+    )
+    if resolved:
+        values["transport"] = bindparam("resolved", type_=DeliveryRow.transport.type)
+    return update(DeliveryRow).where(DeliveryRow.id == u.c.id).values(values).add_cte(new_attempts)
+
+
+async def record(
+    attempts: Sequence[dict[str, Any]],
+    states: Sequence[dict[str, Any]],
+    transport: str,
+    resolved: str | None,
+    started_at: datetime,
+    finished_at: datetime,
+) -> None:
+    """Write attempt rows and new delivery states in one statement."""
+    params: dict[str, Any] = {
+        "batch_transport": transport,
+        "batch_started_at": started_at,
+        "batch_finished_at": finished_at,
+        **db.arrays("a", ATTEMPT_ARRAYS, attempts),
+        **db.arrays("u", STATE_ARRAYS, states),
+    }
+    if resolved:
+        params["resolved"] = resolved
+    async with db.autocommit() as conn:
+        await conn.execute(_record_statement(bool(resolved)), params)
