@@ -37,6 +37,7 @@ class Receiver(SmtpReceiver):
         self.drop: set[str] = set()
         self.close_after: set[str] = set()
         self.peer_of: dict[str, Any] = {}
+        self.stall: set[str] = set()
 
     async def handle_EHLO(  # noqa: N802
         self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
@@ -52,6 +53,13 @@ class Receiver(SmtpReceiver):
         with self._lock:
             self.quits += 1
         return "221 Bye"
+
+    async def handle_RCPT(  # noqa: N802
+        self, server: Any, session: Any, envelope: Any, address: str, options: Any
+    ) -> str:
+        if address in self.stall:
+            await asyncio.sleep(2)  # past the client's timeout
+        return await super().handle_RCPT(server, session, envelope, address, options)
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
         if self.drop & set(envelope.rcpt_tos):
@@ -192,6 +200,36 @@ async def test_a_session_the_server_closed_while_idle_is_replaced(
     assert [r.success for r in results] == [True, True]
     assert len(smtp.sessions) == 2
     assert all(len(smtp.to(a)) == 1 for a in first + second)
+
+
+async def test_a_pooled_session_found_dead_on_use_is_replaced_not_failed(
+    smtp: Receiver, egress: EmailEgress
+) -> None:
+    first, second = addresses(1), addresses(3)
+    await egress.send(message(), channel(), subscribers(first))
+    [pooled] = egress._pools[asyncio.get_running_loop()].idle
+    # Gone without the client having noticed yet (no connection_lost so far).
+    pooled.transport.abort()
+
+    results = await egress.send(message(), channel(), subscribers(second))
+
+    assert [r.success for r in results] == [True, True, True], [r.errors for r in results]
+    assert len(smtp.sessions) == 2
+    assert all(len(smtp.to(a)) == 1 for a in first + second)
+
+
+async def test_a_server_that_stops_answering_times_out_transiently(
+    smtp: Receiver, egress: EmailEgress, tune: Callable[..., Settings]
+) -> None:
+    tune(smtp_timeout=0.5)
+    emails = addresses(3)
+    smtp.stall.add(emails[1])
+
+    results = await egress.send(message(), channel(), subscribers(emails))
+
+    assert [(r.success, r.permanent) for r in results] == [(True, False)] + [(False, False)] * 2
+    assert all("did not answer within 0.5 s" in r.errors[0] for r in results[1:])
+    assert [len(smtp.to(a)) for a in emails] == [1, 0, 0]
 
 
 async def test_4xx_is_transient_and_5xx_permanent_per_recipient(

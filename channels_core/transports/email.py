@@ -173,6 +173,8 @@ class _Session(asyncio.Protocol):
         self.transport = transport
         self.pipelining = pipelining
         self.closed = False
+        # Why the session ended, for the mails it could not send.
+        self.reason = _CLOSED
         self.needs_rset = False
         self.last_used = time.monotonic()
         self._buffer = bytearray()
@@ -228,7 +230,7 @@ class _Session(asyncio.Protocol):
             loop = asyncio.get_running_loop()
             self._want = count
             self._waiter = waiter = loop.create_future()
-            timer = loop.call_later(timeout, self._time_out)
+            timer = loop.call_later(timeout, self._time_out, timeout)
             try:
                 await waiter
             finally:
@@ -237,10 +239,16 @@ class _Session(asyncio.Protocol):
         take = min(count, len(self._replies))
         return [self._replies.popleft() for _ in range(take)]
 
-    def _time_out(self) -> None:
+    def _time_out(self, timeout: float) -> None:
         # A server that stops answering leaves the session in an unknown state: drop it.
+        self.reason = f"SMTP server did not answer within {timeout:g} s"
         self.close()
         self._wake(force=True)
+
+    @property
+    def busy(self) -> bool:
+        """Replies or data still owed: a session in that state must not be reused."""
+        return bool(self._replies or self._pending or self._buffer)
 
     def close(self) -> None:
         self.closed = True
@@ -354,7 +362,7 @@ class EmailEgress(EgressTransport):
         return None
 
     def _checkin(self, pool: _Pool, session: _Session, settings: Settings) -> None:
-        if session.closed or len(pool.idle) >= settings.smtp_connections:
+        if session.closed or session.busy or len(pool.idle) >= settings.smtp_connections:
             session.close()
             return
         session.last_used = time.monotonic()
@@ -396,25 +404,29 @@ class EmailEgress(EgressTransport):
         results: dict[int | None, TransportResult],
     ) -> None:
         pool = self._pool(settings)
+        everyone = list(mails)
         wanted = max(1, min(settings.smtp_connections, -(-len(mails) // _MIN_MAILS_PER_SESSION)))
-        sessions: list[_Session | None] = []
-        for _ in range(wanted):
-            sessions.append(self._checkout(pool, settings))
-        missing = [i for i, s in enumerate(sessions) if s is None]
-        errors: list[BaseException] = []
-        if missing:
-            opened = await asyncio.gather(
-                *(self._open(settings) for _ in missing), return_exceptions=True
-            )
-            for index, outcome in zip(missing, opened, strict=True):
+        reused: list[_Session] = []
+        while len(reused) < wanted and (session := self._checkout(pool, settings)) is not None:
+            reused.append(session)
+        opened: list[_Session] = []
+        errors: list[Exception] = []
+        try:
+            for outcome in await asyncio.gather(
+                *(self._open(settings) for _ in range(wanted - len(reused))),
+                return_exceptions=True,
+            ):
                 if isinstance(outcome, _Session):
-                    sessions[index] = outcome
+                    opened.append(outcome)
                 elif isinstance(outcome, Exception):
                     errors.append(outcome)
                 else:
                     raise outcome
-        live = [s for s in sessions if s is not None]
-        if not live:
+        except BaseException:
+            for session in reused + opened:
+                session.close()
+            raise
+        if not reused and not opened:
             exc = errors[0]
             error = f"SMTP connect to {settings.smtp_host}:{settings.smtp_port} failed: {exc}"
             permanent = isinstance(exc, aiosmtplib.SMTPResponseException) and _classify(exc.code)
@@ -424,19 +436,28 @@ class EmailEgress(EgressTransport):
                     mail.subscriber_id, error, permanent=permanent, status_code=code
                 )
             return
-        reused = {id(s) for i, s in enumerate(sessions) if s is not None and i not in missing}
-        try:
-            await asyncio.gather(
-                *(
-                    self._work(pool, s, id(s) in reused, settings, common, mails, results)
-                    for s in live
-                )
-            )
-        finally:
-            # Whatever no session could send: every session hung up or failed.
-            for mail in mails:
-                results[mail.subscriber_id] = TransportResult.failed(mail.subscriber_id, _CLOSED)
-            mails.clear()
+        ended: list[str] = []
+        work = [
+            self._work(pool, s, s in reused, settings, common, mails, results, ended)
+            for s in reused + opened
+        ]
+        failures = [
+            exc
+            for exc in await asyncio.gather(*work, return_exceptions=True)
+            if isinstance(exc, BaseException)
+        ]
+        # Whatever no session could send (every session hung up), and, after
+        # an unexpected error, whatever it left without an outcome: retried.
+        reason = ended[-1] if ended else _CLOSED
+        if failures:
+            reason = f"SMTP error: {failures[0]!r}"
+        for mail in everyone:
+            if mail.subscriber_id not in results:
+                results[mail.subscriber_id] = TransportResult.failed(mail.subscriber_id, reason)
+        mails.clear()
+        for failure in failures:
+            if not isinstance(failure, Exception):
+                raise failure  # cancellation and the like are not a mail's outcome
 
     async def _work(
         self,
@@ -447,13 +468,23 @@ class EmailEgress(EgressTransport):
         common: _Common,
         mails: deque[_Mail],
         results: dict[int | None, TransportResult],
+        ended: list[str],
     ) -> None:
         """Send mails from the shared queue over ``session`` until none is left or it ends."""
         timeout = settings.smtp_timeout
         owed: _Mail | None = None  # content written, its reply not read yet (pipelining)
         unproven = reused  # a pooled session not yet heard from may have died while idle
         try:
-            while mails and not session.closed:
+            while mails:
+                if session.closed:
+                    if not unproven:
+                        break
+                    # The pooled session had died while idle; nothing was sent on it.
+                    unproven = False
+                    try:
+                        session = await self._open(settings)
+                    except (aiosmtplib.SMTPException, OSError):
+                        return
                 mail = mails.popleft()
                 mail.started = time.perf_counter()
                 envelope = [
@@ -472,7 +503,7 @@ class EmailEgress(EgressTransport):
                         if replies:
                             self._record_data_reply(owed, replies.pop(0), session, results)
                         else:
-                            self._lost(owed, results)
+                            self._lost(owed, session, results)
                         owed = None
                 else:
                     replies = []
@@ -490,16 +521,9 @@ class EmailEgress(EgressTransport):
                 if not replies and session.closed:
                     # Nothing of this mail reached the server: it goes back to the queue.
                     mails.appendleft(mail)
-                    if not unproven:
-                        break
-                    unproven = False
-                    try:
-                        session = await self._open(settings)
-                    except (aiosmtplib.SMTPException, OSError):
-                        return
                     continue
                 unproven = False
-                failure = self._envelope_outcome(mail, replies)
+                failure = self._envelope_outcome(mail, replies, session.reason)
                 if failure is not None:
                     results[mail.subscriber_id] = failure
                     session.needs_rset = True
@@ -518,31 +542,35 @@ class EmailEgress(EgressTransport):
                 if reply:
                     self._record_data_reply(mail, reply[0], session, results)
                 else:
-                    self._lost(mail, results)
+                    self._lost(mail, session, results)
             if owed is not None:
                 reply = await session.exchange(b"", 1, timeout)
                 if reply:
                     self._record_data_reply(owed, reply[0], session, results)
                 else:
-                    self._lost(owed, results)
+                    self._lost(owed, session, results)
                 owed = None
         finally:
             if owed is not None:  # cancelled while waiting: the mail's fate is unknown
-                self._lost(owed, results)
+                self._lost(owed, session, results)
                 session.close()
+            if session.closed:
+                ended.append(session.reason)
             self._checkin(pool, session, settings)
 
     @staticmethod
-    def _lost(mail: _Mail, results: dict[int | None, TransportResult]) -> None:
-        """The server hung up after the mail's content: it may or may not have it."""
+    def _lost(mail: _Mail, session: _Session, results: dict[int | None, TransportResult]) -> None:
+        """The session ended after the mail's content: the server may or may not have it."""
         results[mail.subscriber_id] = TransportResult.failed(
             mail.subscriber_id,
-            f"{_CLOSED} before confirming the mail",
+            f"{session.reason} before confirming the mail",
             latency_ms=(time.perf_counter() - mail.started) * 1000,
         )
 
     @staticmethod
-    def _envelope_outcome(mail: _Mail, replies: list[tuple[int, str]]) -> TransportResult | None:
+    def _envelope_outcome(
+        mail: _Mail, replies: list[tuple[int, str]], ended: str
+    ) -> TransportResult | None:
         """None when MAIL, RCPT and DATA were accepted; else this mail's failure."""
         latency = (time.perf_counter() - mail.started) * 1000
         sid = mail.subscriber_id
@@ -558,7 +586,7 @@ class EmailEgress(EgressTransport):
                 sid, error, permanent=_classify(code), status_code=code, latency_ms=latency
             )
         if len(replies) < 3:
-            return TransportResult.failed(sid, _CLOSED, latency_ms=latency)
+            return TransportResult.failed(sid, ended, latency_ms=latency)
         return None
 
     @staticmethod
