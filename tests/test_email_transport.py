@@ -11,9 +11,13 @@ QUIT on ``aclose()``. Each test gets its own server, so counts are its own.
 from __future__ import annotations
 
 import asyncio
+import shutil
+import ssl
+import subprocess
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from email import message_from_bytes, policy
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -346,3 +350,100 @@ async def test_body_dots_and_non_ascii_round_trip(smtp: Receiver, egress: EmailE
     assert mail["Subject"] == "Grüße" and mail["To"] == to
     assert mail["From"] == "alerts@example.test" and mail["X-Channels-Channel-Id"] == "3"
     assert mail.get_content().replace("\r\n", "\n").rstrip("\n") == content
+
+
+# -- STARTTLS and AUTH: aiosmtplib opens the session, this transport drives it ---------
+
+
+class TlsReceiver(Receiver):
+    """Offers STARTTLS, requires it and AUTH before MAIL."""
+
+    def __init__(self, cert: Path, key: Path) -> None:
+        super().__init__(pipelining=True)
+        self.tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.tls.load_cert_chain(cert, key)
+        self.logins: list[bytes] = []
+
+    def authenticate(
+        self, server: Any, session: Any, envelope: Any, mechanism: str, data: Any
+    ) -> Any:
+        from aiosmtpd.smtp import AuthResult
+
+        ok = (data.login, data.password) == (b"mailer", b"s3cret")
+        if ok:
+            with self._lock:
+                self.logins.append(data.login)
+        return AuthResult(success=ok)
+
+    def start(self) -> TlsReceiver:
+        from aiosmtpd.controller import Controller
+
+        self._controller = Controller(
+            self,
+            hostname="127.0.0.1",
+            port=self.port,
+            tls_context=self.tls,
+            require_starttls=True,
+            authenticator=self.authenticate,
+            auth_required=True,
+        )
+        self._controller.start()
+        return self
+
+
+@pytest.fixture
+def certificate(tmp_path: Path) -> tuple[Path, Path]:
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is needed to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+        + ["-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1"]
+        + ["-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return cert, key
+
+
+async def test_starttls_and_auth_sessions_are_pooled_and_pipelined(
+    certificate: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cert, key = certificate
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # trust the test certificate
+    server = TlsReceiver(cert, key).start()
+    previous = get_settings()
+    configure(
+        previous.model_copy(
+            update={
+                "smtp_host": "127.0.0.1",
+                "smtp_port": server.port,
+                "smtp_from": "alerts@example.test",
+                "smtp_starttls": True,
+                "smtp_username": "mailer",
+                "smtp_password": "s3cret",
+                "smtp_timeout": 10,
+            }
+        )
+    )
+    egress = EmailEgress()
+    try:
+        emails = addresses(40)
+        server.refuse(emails[3], ["550 5.1.1 no such user"])
+        first = await egress.send(message(), channel(), subscribers(emails[:20]))
+        second = await egress.send(message(), channel(), subscribers(emails[20:]))
+        [pooled, *_] = egress._pools[asyncio.get_running_loop()].idle
+        assert pooled.pipelining and pooled.transport.get_extra_info("sslcontext") is not None
+    finally:
+        await egress.aclose()
+        configure(previous)
+        server.stop()
+
+    results = first + second
+    assert [r.success for r in results] == [i != 3 for i in range(40)]
+    assert results[3].permanent and results[3].status_code == 550
+    assert all(len(server.to(a)) == (i != 3) for i, a in enumerate(emails))
+    # Two sessions (EHLO before and after STARTTLS each), reused, each logged in once.
+    assert len(set(server.sessions)) == len(server.logins) == 2
