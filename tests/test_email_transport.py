@@ -11,6 +11,7 @@ QUIT on ``aclose()``. Each test gets its own server, so counts are its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import ssl
 import subprocess
@@ -293,6 +294,34 @@ async def test_a_server_hanging_up_during_data_leaves_that_mail_and_the_rest_to_
     smtp.drop.clear()
     again = await egress.send(message(), channel(), subscribers(emails[1:]))
     assert all(r.success for r in again)
+
+
+async def test_a_server_that_floods_instead_of_answering_is_dropped(
+    tune: Callable[..., Settings],
+) -> None:
+    async def flood(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 hi\r\n")
+        await reader.readline()
+        writer.write(b"250-hi\r\n250 PIPELINING\r\n")
+        await reader.readline()
+        writer.write(b"2" * 100_000)  # a "reply" with no end
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+            await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(flood, "127.0.0.1", 0)
+    tune(smtp_port=server.sockets[0].getsockname()[1])
+    egress = EmailEgress()
+    try:
+        results = await egress.send(message(), channel(), subscribers(addresses(2)))
+    finally:
+        await egress.aclose()
+        server.close()
+        await server.wait_closed()
+
+    assert [(r.success, r.permanent) for r in results] == [(False, False)] * 2
+    assert all("more than any reply holds" in r.errors[0] for r in results)
 
 
 # -- what is written ------------------------------------------------------------------

@@ -62,6 +62,10 @@ _FOLD_AT = 78
 _PERIOD_AT_LINE_START = re.compile(rb"(?m)^\.")
 _BARE_LINE_ENDING = re.compile(rb"\r\n|\r|\n")
 _CLOSED = "SMTP server closed the connection"
+# Bounds on what a server may send that nobody asked for (aiosmtplib allows
+# 32 KiB per reply); a pipelined batch awaits at most four replies at once.
+_MAX_REPLY_BYTES = 32 * 1024
+_MAX_REPLIES = 64
 
 
 def _sender(smtp_from: str) -> str:
@@ -187,6 +191,14 @@ class _Session(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
+        if len(self._buffer) > _MAX_REPLY_BYTES or len(self._replies) > _MAX_REPLIES:
+            # Not an SMTP server, or a broken one: nothing it says can be trusted.
+            self.reason = "SMTP server sent more than any reply holds"
+            self._buffer.clear()
+            self.transport.abort()
+            self.closed = True
+            self._wake(force=True)
+            return
         while True:
             end = self._buffer.find(b"\n")
             if end < 0:
@@ -242,7 +254,8 @@ class _Session(asyncio.Protocol):
     def _time_out(self, timeout: float) -> None:
         # A server that stops answering leaves the session in an unknown state: drop it.
         self.reason = f"SMTP server did not answer within {timeout:g} s"
-        self.close()
+        self.closed = True
+        self.transport.abort()  # close() would wait to flush to a server that is not reading
         self._wake(force=True)
 
     @property
@@ -356,7 +369,12 @@ class EmailEgress(EgressTransport):
         now = time.monotonic()
         while pool.idle:
             session = pool.idle.pop()
-            if not session.closed and now - session.last_used < settings.smtp_pool_idle:
+            # A busy idle session heard something unasked (a 421 before hanging up).
+            if (
+                not session.closed
+                and not session.busy
+                and now - session.last_used < settings.smtp_pool_idle
+            ):
                 return session
             session.close()
         return None
