@@ -43,6 +43,7 @@ class Receiver(SmtpReceiver):
         self.close_after: set[str] = set()
         self.peer_of: dict[str, Any] = {}
         self.stall: set[str] = set()
+        self.smtputf8 = True
 
     async def handle_EHLO(  # noqa: N802
         self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
@@ -52,6 +53,8 @@ class Receiver(SmtpReceiver):
             self.sessions.append(session.peer)
         if self.pipelining:
             responses.insert(-1, "250-PIPELINING")
+        if not self.smtputf8:
+            responses = [r for r in responses if r != "250-SMTPUTF8"]
         return responses
 
     async def handle_QUIT(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
@@ -338,11 +341,13 @@ async def test_header_injection_is_refused_and_nothing_is_sent(
     [address] = await egress.send(
         message(), channel(), subscribers([f"{ok}\nBcc: victim@example.com"])
     )
+    [nul] = await egress.send(message(), channel(), subscribers([f"a\x00{ok}"]))
     tune(smtp_from="alerts@example.test\r\nBcc: victim@example.com")
     [sender] = await egress.send(message(), channel(), subscribers([ok]))
 
     assert "Subject" in subject.errors[0] and "From" in sender.errors[0]
-    for result in (subject, address, sender):
+    assert "control character" in nul.errors[0]
+    for result in (subject, address, sender, nul):
         assert (result.success, result.permanent) == (False, True)
     assert smtp.count() == 0 and smtp.sessions == []
 
@@ -366,6 +371,26 @@ async def test_threading_headers_and_a_long_thread_folded(
     assert parsed(smtp, long)["References"].split() == [
         f"<dlv-{i}@example.test>" for i in range(1, 61)
     ]
+
+
+async def test_an_internationalised_address_needs_a_server_offering_smtputf8(
+    smtp: Receiver, egress: EmailEgress
+) -> None:
+    plain, utf8 = (
+        f"plain-{uuid.uuid4().hex[:8]}@example.com",
+        f"jösé-{uuid.uuid4().hex[:8]}@example.com",
+    )
+
+    delivered = await egress.send(message(), channel(), subscribers([plain, utf8]))
+    await egress.aclose()
+    smtp.smtputf8 = False
+    refused = await egress.send(message(), channel(), subscribers([plain, utf8]))
+
+    assert [r.success for r in delivered] == [True, True]
+    assert parsed(smtp, utf8)["To"] == utf8 and smtp.to(utf8)[0].rcpt_tos == [utf8]
+    assert [(r.success, r.permanent) for r in refused] == [(True, False), (False, True)]
+    assert "SMTPUTF8" in refused[1].errors[0]
+    assert len(smtp.to(plain)) == 2 and len(smtp.to(utf8)) == 1
 
 
 async def test_body_dots_and_non_ascii_round_trip(smtp: Receiver, egress: EmailEgress) -> None:

@@ -61,6 +61,7 @@ _MIN_MAILS_PER_SESSION = 16
 _FOLD_AT = 78
 _PERIOD_AT_LINE_START = re.compile(rb"(?m)^\.")
 _BARE_LINE_ENDING = re.compile(rb"\r\n|\r|\n")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _CLOSED = "SMTP server closed the connection"
 # Bounds on what a server may send that nobody asked for (aiosmtplib allows
 # 32 KiB per reply); a pipelined batch awaits at most four replies at once.
@@ -119,6 +120,8 @@ class _Mail:
     subscriber_id: int | None
     recipient: bytes
     data: bytes
+    # An internationalised address: sent only where the server offers SMTPUTF8.
+    utf8: bool = False
     started: float = 0.0
 
 
@@ -150,20 +153,20 @@ def _mail_for(message: Message, common: _Common, subscriber: Principal) -> _Mail
     if not address:
         raise ValidationError(f"subscriber {subscriber.id} has no 'email' alias")
     check_email(address)
-    if not address.isascii():
-        # An internationalised address needs SMTPUTF8, which this transport does not speak.
-        raise ValidationError(f"email {address!r} is not ASCII; SMTPUTF8 is not supported")
+    if _CONTROL.search(address):
+        # It goes into an SMTP command line as well as a header.
+        raise ValidationError(f"email {address!r} contains a control character")
     domain = common.domain
     delivery_id = subscriber.delivery_id
     if delivery_id is not None:
         own = f"<dlv-{delivery_id}@{domain}>"
     else:
         own = f"<msg-{message.id}.{subscriber.id}@{domain}>"
-    head = f"To: {address}\r\nMessage-ID: {own}\r\n".encode("ascii")
+    head = f"To: {address}\r\nMessage-ID: {own}\r\n".encode()
     parents = [f"<dlv-{d}@{domain}>" for d in getattr(subscriber, "thread_delivery_ids", [])]
     if parents:
         head += f"In-Reply-To: {parents[-1]}\r\n".encode("ascii") + _fold("References", parents)
-    return _Mail(subscriber.id, address.encode("ascii"), head + common.tail)
+    return _Mail(subscriber.id, address.encode(), head + common.tail, not address.isascii())
 
 
 class _Session(asyncio.Protocol):
@@ -173,9 +176,10 @@ class _Session(asyncio.Protocol):
     to commands written earlier and not yet awaited come first, in order.
     """
 
-    def __init__(self, transport: asyncio.Transport, pipelining: bool) -> None:
+    def __init__(self, transport: asyncio.Transport, pipelining: bool, smtputf8: bool) -> None:
         self.transport = transport
         self.pipelining = pipelining
+        self.smtputf8 = smtputf8
         self.closed = False
         # Why the session ended, for the mails it could not send.
         self.reason = _CLOSED
@@ -410,7 +414,11 @@ class EmailEgress(EgressTransport):
             client.close()
             raise
         # From here on the session is ours: aiosmtplib answers one command at a time.
-        session = _Session(transport, client.supports_extension("pipelining"))
+        session = _Session(
+            transport,
+            client.supports_extension("pipelining"),
+            client.supports_extension("smtputf8"),
+        )
         transport.set_protocol(session)
         return session
 
@@ -505,8 +513,16 @@ class EmailEgress(EgressTransport):
                         return
                 mail = mails.popleft()
                 mail.started = time.perf_counter()
+                if mail.utf8 and not session.smtputf8:
+                    results[mail.subscriber_id] = TransportResult.failed(
+                        mail.subscriber_id,
+                        f"SMTP server does not offer SMTPUTF8, which {mail.recipient.decode()!r}"
+                        " needs",
+                        permanent=True,
+                    )
+                    continue
                 envelope = [
-                    b"MAIL FROM:<" + common.sender + b">\r\n",
+                    b"MAIL FROM:<" + common.sender + (b"> SMTPUTF8\r\n" if mail.utf8 else b">\r\n"),
                     b"RCPT TO:<" + mail.recipient + b">\r\n",
                     b"DATA\r\n",
                 ]
