@@ -5,7 +5,9 @@ headers, the MIME headers and the encoded body) is built once per send with
 ``email.message.EmailMessage``; per subscriber only ``To``, ``Message-ID``
 and the threading headers are written, as bytes, in front of it. CR/LF in
 any header value is refused (the error names the field) and every address
-passes ``check_email``. ``Message-ID`` is derived from the delivery id, so a
+passes ``check_email``; one outside ASCII goes out with SMTPUTF8, to a
+server that offers it, and is refused permanently by one that does not.
+``Message-ID`` is derived from the delivery id, so a
 retried mail keeps its identity and a receiver can deduplicate;
 ``In-Reply-To`` and ``References`` point at the Message-IDs this subscriber
 got for the thread's earlier messages (the worker attaches their delivery
