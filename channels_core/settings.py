@@ -114,6 +114,10 @@ class Settings(BaseSettings):
     log_format: str = "text"
     # Loaded by name so the domain never imports the producer (see dispatch.py).
     dispatcher: str = "producer.broker:BrokerDispatcher"
+    # SMTP sessions one email batch is spread over (and idle ones kept per
+    # worker event loop for the next batch); how long an idle one is kept.
+    smtp_connections: int = Field(default=4, ge=1)
+    smtp_pool_idle: float = Field(default=30.0, ge=0)
 
     @field_validator("retry_schedule")
     @classmethod
