@@ -120,6 +120,8 @@ def _figures(system: str, per_run: list[list[float]], notes: str) -> list[Figure
     figures[0].extra = {
         "samples": [len(v) for v in per_run],
         "mean_ms": [statistics.fmean(v) if v else None for v in per_run],
+        # Where the tail starts: p90 far from p50 is queueing, not a slow path.
+        "p90_ms": [percentile(v, 90) if v else None for v in per_run],
         "max_ms": [max(v) if v else None for v in per_run],
     }
     return figures

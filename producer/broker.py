@@ -76,13 +76,23 @@ class BrokerDispatcher:
                 retry_policy=_RETRY_POLICY,
             )
 
-    def send_batches(self, batches: Sequence[Batch], countdown: float = 0.0) -> None:
-        for batch in batches:
+    def send_batches(
+        self,
+        batches: Sequence[Batch],
+        countdown: float = 0.0,
+        task_ids: Sequence[str] | None = None,
+    ) -> None:
+        """``task_ids``, one per batch, when the claimant must be a known one
+        (a batch handed over by the task that had started delivering it)."""
+        if task_ids is not None and len(task_ids) != len(batches):
+            raise ValueError(f"{len(task_ids)} task ids for {len(batches)} batches")
+        for i, batch in enumerate(batches):
             self.app.send_task(
                 DELIVER_TASK,
                 args=batch_args(batch),
                 queue=DELIVER_QUEUE,
                 countdown=countdown or None,
+                task_id=task_ids[i] if task_ids is not None else None,
                 retry=True,
                 retry_policy=_RETRY_POLICY,
             )

@@ -37,6 +37,7 @@ from channels_core.names import (
 )
 from channels_core.settings import get_settings
 from workers import metrics as _metrics  # noqa: F401  (connects the exporter to worker signals)
+from workers import runtime
 
 __all__ = ["app"]
 
@@ -128,6 +129,9 @@ app = make_app()
 
 
 def _task_context() -> dict[str, Any]:
+    acting = runtime.acting_task()
+    if acting is not None:  # a batch delivered in place is its own deliver_batch
+        return {"task_id": acting[1], "task_name": acting[0]}
     # Celery's own task formatter finds the running task the same way.
     task = get_current_task()
     if task is None or task.request.id is None:

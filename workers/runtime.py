@@ -9,17 +9,37 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, TypeVar
 
 from channels_core import db, shared_redis
 from channels_core.transports.registry import egress_registry
 
-__all__ = ["run", "shutdown", "warm_up"]
+__all__ = ["acting_as", "acting_task", "run", "shutdown", "warm_up"]
 
 T = TypeVar("T")
 
 _loop: asyncio.AbstractEventLoop | None = None
+
+# (task name, task id) of work run inside another task under a name of its
+# own: a batch delivered in place by its routing task (workers.in_place).
+_acting: ContextVar[tuple[str, str] | None] = ContextVar("channels_acting_task", default=None)
+
+
+@contextmanager
+def acting_as(name: str, task_id: str) -> Iterator[None]:
+    """Log lines written inside this block name this task, not the running one."""
+    token = _acting.set((name, task_id))
+    try:
+        yield
+    finally:
+        _acting.reset(token)
+
+
+def acting_task() -> tuple[str, str] | None:
+    return _acting.get()
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:

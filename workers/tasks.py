@@ -17,15 +17,17 @@ from channels_core import delivery
 from channels_core.dispatch import Batch, RouteJob, set_dispatcher
 from channels_core.names import DELIVER_TASK, ROUTE_TASK, SWEEP_TASK
 from producer.broker import BrokerDispatcher
-from workers import runtime
+from workers import in_place, runtime
 from workers.app import app
+from workers.in_place import DeliverInPlace, batch_summary, in_place_id
 
 __all__ = ["route_message", "deliver_batch", "sweep"]
 
 log = logging.getLogger("channels.workers")
 
 # Follow-up work (batches, retries, relays) goes out on this app's own pool.
-set_dispatcher(BrokerDispatcher(app))
+_broker = BrokerDispatcher(app)
+set_dispatcher(_broker)
 
 
 @worker_process_init.connect
@@ -37,14 +39,36 @@ def _after_fork(**_: Any) -> None:
 @worker_process_shutdown.connect
 def _before_exit(**_: Any) -> None:
     runtime.shutdown()
+    in_place.close()
 
 
 @app.task(name=ROUTE_TASK, bind=True)
 def route_message(self: Any, jobs: list[list[int]]) -> dict[str, int]:
-    """Route outbox entries: ``jobs`` is ``[[outbox_id, message_id, channel_id], ...]``."""
-    total = {"deliveries": 0, "batches": 0, "skipped": 0}
+    """Route outbox entries: ``jobs`` is ``[[outbox_id, message_id, channel_id], ...]``.
+
+    A task routing one message delivers a single small batch itself
+    (``workers.in_place``); several messages fan out over the pool as batches.
+    """
+    total = {"deliveries": 0, "batches": 0, "skipped": 0, "in_place": 0}
     for outbox_id, message_id, channel_id in jobs:
-        stats = runtime.run(delivery.route(RouteJob(outbox_id, message_id, channel_id)))
+        job = RouteJob(outbox_id, message_id, channel_id)
+        if len(jobs) == 1:
+            here = DeliverInPlace(
+                app,
+                _broker,
+                in_place_id(self.request.id, outbox_id),
+                hostname=self.request.hostname,
+                parent_id=self.request.id,
+                root_id=self.request.root_id,
+            )
+            set_dispatcher(here)
+            try:
+                stats = runtime.run(delivery.route(job))
+            finally:
+                set_dispatcher(_broker)
+            total["in_place"] += here.delivered
+        else:
+            stats = runtime.run(delivery.route(job))
         total["deliveries"] += stats.deliveries
         total["batches"] += stats.batches
         total["skipped"] += int(stats.skipped)
@@ -70,13 +94,7 @@ def deliver_batch(
             Batch(message_id, channel_id, tuple(delivery_ids)), claimant=self.request.id
         )
     )
-    return {
-        "claimed": stats.claimed,
-        "delivered": stats.delivered,
-        "retrying": stats.retrying,
-        "dead": stats.dead,
-        "skipped": stats.skipped,
-    }
+    return batch_summary(stats)
 
 
 @app.task(name=SWEEP_TASK)
