@@ -476,10 +476,14 @@ def record_batch(
     try:
         m = _worker_metrics()
         latency = m.latency.labels(transport)
+        counts: dict[str, int] = {}
         for status, latency_ms in attempts:
-            m.attempts.labels(transport, status).inc()
+            counts[status] = counts.get(status, 0) + 1
             if latency_ms is not None:
                 latency.observe(latency_ms / 1000)
+        # One labelled child per status, not one look-up per attempt.
+        for status, count in counts.items():
+            m.attempts.labels(transport, status).inc(count)
         m.batch_seconds.labels(transport).observe(seconds)
         if dead:
             m.dead_letters.labels(transport).inc(dead)
