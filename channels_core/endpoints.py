@@ -93,7 +93,9 @@ def host_of(url: str) -> str:
     return (urlsplit(url).hostname or "").lower()
 
 
+@lru_cache(maxsize=65536)
 def _digest(text: str) -> str:
+    # A batch names each endpoint's keys in admit and again in settle.
     return hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()[:20]
 
 
