@@ -185,7 +185,11 @@ async def route(job: RouteJob) -> RouteStats:
                         select(
                             varying.c.subscriber_id,
                             *(db.constant(DeliveryRow, k, v) for k, v in same.items()),
-                        ).params(d_subscriber_id=subscriber_ids),
+                        ).params(
+                            d_subscriber_id=db.array_value(
+                                DeliveryRow.subscriber_id.type, subscriber_ids
+                            )
+                        ),
                     )
                     .on_conflict_do_nothing()
                 )

@@ -22,7 +22,7 @@ from datetime import datetime, timedelta
 from functools import cache
 from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import Executable, bindparam, case, func, or_, select, update
+from sqlalchemy import Executable, any_, bindparam, case, func, or_, select, update
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import aggregate_order_by
 
@@ -65,8 +65,7 @@ def _claim_statement() -> Executable:
     claimed = (
         update(DeliveryRow)
         .where(
-            DeliveryRow.id
-            == func.any(bindparam("ids", type_=postgresql.ARRAY(DeliveryRow.id.type))),
+            DeliveryRow.id == any_(db.array_bind("ids", DeliveryRow.id.type)),
             DeliveryRow.status.in_((DeliveryStatus.PENDING, DeliveryStatus.RETRYING)),
             or_(
                 DeliveryRow.next_attempt_at.is_(None), DeliveryRow.next_attempt_at <= _stamp("due")
@@ -104,7 +103,7 @@ async def claim(
     """Claim what of ``ids`` is claimable; the claimed rows and their subscribers."""
     until = now + timedelta(seconds=lease)
     params = {
-        "ids": list(ids),
+        "ids": db.array_value(DeliveryRow.id.type, ids),
         "claimant": claimant,
         "now": now,
         "due": now + timedelta(seconds=1),
@@ -205,8 +204,8 @@ async def record(
         "batch_transport": transport,
         "batch_started_at": started_at,
         "batch_finished_at": finished_at,
-        **db.arrays("a", ATTEMPT_ARRAYS, attempts),
-        **db.arrays("u", STATE_ARRAYS, states),
+        **db.arrays(AttemptRow, "a", ATTEMPT_ARRAYS, attempts),
+        **db.arrays(DeliveryRow, "u", STATE_ARRAYS, states),
     }
     if resolved:
         params["resolved"] = resolved
