@@ -149,10 +149,15 @@ async def route(job: RouteJob) -> RouteStats:
             if not page:
                 break
             last = page[-1][0]
+            # A short page is the last one: asking again would only cost one
+            # more transaction to find an empty page.
+            more = len(page) >= settings.route_page_size
             # Inactive subscribers are skipped: no delivery row, nothing owed.
             subscriber_ids = [sid for _, sid, active in page if active]
             if not subscriber_ids:
-                continue
+                if more:
+                    continue
+                break
             now = utcnow()
             rows = [
                 {
@@ -223,6 +228,8 @@ async def route(job: RouteJob) -> RouteStats:
             # rows once queue_lease passes.
             await dispatcher.enqueue_batches(batches)
             stats.batches += len(batches)
+        if not more:
+            break
     await _mark_routed(job.outbox_id, transport, error)
     return stats
 
