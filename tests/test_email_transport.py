@@ -501,3 +501,74 @@ async def test_starttls_and_auth_sessions_are_pooled_and_pipelined(
     assert all(len(server.to(a)) == (i != 3) for i, a in enumerate(emails))
     # Two sessions (EHLO before and after STARTTLS each), reused, each logged in once.
     assert len(set(server.sessions)) == len(server.logins) == 2
+
+
+async def test_a_send_cancelled_mid_conversation_never_leaks_into_the_next_batch() -> None:
+    """A session cancelled while replies are owed is dropped, not pooled: the
+    next batch must not read the old replies as its own (its mail would be
+    stored for the cancelled recipient and reported delivered)."""
+    stored: list[tuple[bytes, bytes]] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 slow\r\n")
+        rcpt, body, in_data = b"", [], False
+        while line := await reader.readline():
+            if in_data:
+                if line == b".\r\n":
+                    in_data = False
+                    stored.append((rcpt, b"".join(body)))
+                    body = []
+                    writer.write(b"250 queued\r\n")
+                else:
+                    body.append(line)
+                continue
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                writer.write(b"250-slow\r\n250 PIPELINING\r\n")
+            elif verb == b"MAIL":
+                await asyncio.sleep(0.3)  # the first batch is cancelled while waiting here
+                writer.write(b"250 ok\r\n")
+            elif verb == b"RCPT":
+                rcpt = line.strip()
+                writer.write(b"250 ok\r\n")
+            elif verb == b"DATA":
+                in_data = True
+                writer.write(b"354 go\r\n")
+            elif verb == b"QUIT":
+                writer.write(b"221 bye\r\n")
+                break
+            else:
+                writer.write(b"250 ok\r\n")
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    previous = get_settings()
+    configure(
+        previous.model_copy(update={"smtp_host": "127.0.0.1", "smtp_port": port, "smtp_timeout": 5})
+    )
+    egress = EmailEgress()
+    try:
+        [first, second] = addresses(2)
+        pending = asyncio.ensure_future(
+            egress.send(message("for the first"), channel(), subscribers([first]))
+        )
+        await asyncio.sleep(0.1)
+        pending.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await pending
+        results = await egress.send(
+            message("for the second"), channel(), subscribers([second], 2000)
+        )
+        await asyncio.sleep(0.5)  # let the first session's late replies arrive
+        for rcpt, body in stored:
+            assert b"RCPT TO" not in body  # no command ever became mail content
+            assert (b"for the second" in body) == (second.encode() in rcpt)
+        if results[0].success:
+            assert any(second.encode() in rcpt for rcpt, _ in stored)
+    finally:
+        await egress.aclose()
+        configure(previous)
+        server.close()
+        await server.wait_closed()

@@ -251,6 +251,13 @@ class _Session(asyncio.Protocol):
             timer = loop.call_later(timeout, self._time_out, timeout)
             try:
                 await waiter
+            except BaseException:
+                # Cancelled with replies still owed: the server may be mid-mail, and a
+                # later batch would read those replies as its own. Never reuse it.
+                self.reason = "interrupted while waiting for the SMTP server"
+                self.closed = True
+                self.transport.abort()
+                raise
             finally:
                 timer.cancel()
                 self._waiter = None
