@@ -520,7 +520,7 @@ class _Connection(asyncio.Protocol):
         if length is not None:
             values = {v.strip() for v in length.split(",")}
             declared = values.pop()
-            if values or not declared.isdigit():
+            if values or not (declared.isascii() and declared.isdigit()):
                 raise _BadAnswer(f"bad Content-Length: {length[:40]!r}")
             self._state, self._remaining = _LENGTH, int(declared)
             return
