@@ -8,6 +8,7 @@ tasks in the same process instead of being rebuilt per task.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
@@ -85,6 +86,13 @@ def warm_up() -> None:
         run(asyncio.wait_for(_warm(), timeout=2.0))
     except Exception as exc:  # noqa: BLE001  (the task will say what is wrong)
         logging.getLogger("channels.workers").warning("warm-up skipped: %s", exc)
+    # Everything alive now (Celery, SQLAlchemy, the pools) lives as long as the
+    # process: out of the collector's sight, and collections made rarer. A batch
+    # allocates thousands of short-lived objects, and the default thresholds
+    # ran full collections over the whole heap often enough to cost ~8% of
+    # the worker's CPU (S1 benchmark, 0.269 -> 0.247 ms per delivery).
+    gc.freeze()
+    gc.set_threshold(20_000, 50, 100)
 
 
 def reset_after_fork() -> None:
