@@ -256,36 +256,12 @@ async def _claim(batch: Batch, claimant: str) -> tuple[list[_Claimed], dict[int,
             batch.delivery_ids, claimant, now, settings.claim_lease
         )
         return [_Claimed(*row) for row in rows], principals
-    until = now + timedelta(seconds=settings.claim_lease)
-    claim = (
-        update(DeliveryRow)
-        .where(
-            db.one_of(DeliveryRow.id, batch.delivery_ids),
-            DeliveryRow.status.in_(_NOT_FINAL),
-            or_(
-                DeliveryRow.next_attempt_at.is_(None),
-                DeliveryRow.next_attempt_at <= now + timedelta(seconds=1),
-            ),
-            or_(
-                DeliveryRow.claimed_until.is_(None),
-                DeliveryRow.claimed_until < now,
-                DeliveryRow.claimed_by == claimant,
-            ),
-        )
-        .values(
-            claimed_by=claimant,
-            claimed_until=until,
-            queued_until=until,
-            claims=DeliveryRow.claims + 1,
-        )
-        .returning(
-            DeliveryRow.id,
-            DeliveryRow.subscriber_id,
-            DeliveryRow.attempts,
-            DeliveryRow.retry_base,
-            DeliveryRow.claims,
-            DeliveryRow.transport,
-        )
+    claim = delivery_pg.claim_update(
+        db.one_of(DeliveryRow.id, batch.delivery_ids),
+        claimant,
+        now,
+        now + timedelta(seconds=1),
+        now + timedelta(seconds=settings.claim_lease),
     )
     async with db.session() as s, s.begin():
         result = await s.execute(claim.execution_options(synchronize_session=False))

@@ -22,7 +22,7 @@ from datetime import datetime, timedelta
 from functools import cache
 from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import Executable, any_, bindparam, case, func, or_, select, update
+from sqlalchemy import Executable, Update, any_, bindparam, case, func, or_, select, update
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import aggregate_order_by
 
@@ -42,7 +42,7 @@ from channels_core.primitives import Channel, Message, Principal
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-__all__ = ["claim", "load", "record", "ATTEMPT_ARRAYS", "STATE_ARRAYS"]
+__all__ = ["claim", "claim_update", "load", "record", "ATTEMPT_ARRAYS", "STATE_ARRAYS"]
 
 # Columns that differ per delivery, sent as one array each.
 ATTEMPT_ARRAYS = ("delivery_id", "attempt", "status", "status_code", "error", "latency_ms")
@@ -57,19 +57,19 @@ def _stamp(name: str) -> Any:
     return bindparam(name, type_=UTCDateTime())
 
 
-@cache
-def _claim_statement() -> Executable:
-    now = _stamp("now")
-    until = _stamp("until")
-    claimant = bindparam("claimant", type_=DeliveryRow.claimed_by.type)
-    claimed = (
+def claim_update(ids: Any, claimant: Any, now: Any, due: Any, until: Any) -> Update:
+    """The UPDATE that claims deliveries matched by ``ids`` (a where-clause)
+    that are not final, due by ``due``, and free or already ``claimant``'s.
+
+    The one claim rule for both backends: SQLite runs it with plain values,
+    PostgreSQL with bind parameters inside ``_claim_statement``.
+    """
+    return (
         update(DeliveryRow)
         .where(
-            DeliveryRow.id == any_(db.array_bind("ids", DeliveryRow.id.type)),
+            ids,
             DeliveryRow.status.in_((DeliveryStatus.PENDING, DeliveryStatus.RETRYING)),
-            or_(
-                DeliveryRow.next_attempt_at.is_(None), DeliveryRow.next_attempt_at <= _stamp("due")
-            ),
+            or_(DeliveryRow.next_attempt_at.is_(None), DeliveryRow.next_attempt_at <= due),
             or_(
                 DeliveryRow.claimed_until.is_(None),
                 DeliveryRow.claimed_until < now,
@@ -90,8 +90,18 @@ def _claim_statement() -> Executable:
             DeliveryRow.claims,
             DeliveryRow.transport,
         )
-        .cte("claimed")
     )
+
+
+@cache
+def _claim_statement() -> Executable:
+    claimed = claim_update(
+        DeliveryRow.id == any_(db.array_bind("ids", DeliveryRow.id.type)),
+        bindparam("claimant", type_=DeliveryRow.claimed_by.type),
+        _stamp("now"),
+        _stamp("due"),
+        _stamp("until"),
+    ).cte("claimed")
     return select(claimed, *_PRINCIPAL).outerjoin(
         PrincipalRow.__table__, _PRINCIPAL.id == claimed.c.subscriber_id
     )

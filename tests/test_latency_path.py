@@ -17,12 +17,11 @@ from typing import Any
 
 import pytest
 from celery import Celery
-from sqlalchemy import insert, select
+from sqlalchemy import insert
 
 from channels_core import db, delivery
 from channels_core.dispatch import Batch, MemoryDispatcher, RouteJob, set_dispatcher
 from channels_core.models import (
-    DeliveryRow,
     DeliveryStatus,
     OutboxRow,
     PrincipalRow,
@@ -34,6 +33,7 @@ from channels_core.primitives import Channel, Message, Permission, Principal, Ro
 from channels_core.transports.memory import MemoryEgress
 from channels_core.transports.registry import egress_registry
 from producer.broker import BrokerDispatcher
+from tests.e2e.helpers import deliveries
 from workers import in_place, runtime
 from workers.app import _task_context
 
@@ -143,17 +143,6 @@ async def route_in_place(
     return here
 
 
-async def rows(message_id: int) -> list[DeliveryRow]:
-    async with db.session() as s:
-        return list(
-            await s.scalars(
-                select(DeliveryRow)
-                .where(DeliveryRow.message_id == message_id)
-                .order_by(DeliveryRow.id)
-            )
-        )
-
-
 async def routed_at(outbox_id: int) -> Any:
     async with db.session() as s:
         row = await s.get(OutboxRow, outbox_id)
@@ -173,7 +162,7 @@ async def test_one_small_batch_is_delivered_by_the_routing_task_and_shown_as_del
 
     assert broker.sent == []  # no second hop
     assert here.delivered == 1
-    found = await rows(job.message_id)
+    found = await deliveries(job.message_id)
     assert [r.status for r in found] == [DeliveryStatus.DELIVERED] * 3
     assert all(r.claimed_by is None for r in found)
     assert sorted(s.delivery_id or 0 for s in memory.sent) == [r.id for r in found]
@@ -205,7 +194,7 @@ async def test_a_batch_too_big_for_in_place_goes_to_the_broker(
     [(batches, countdown, task_ids)] = broker.sent
     assert [len(b.delivery_ids) for b in batches] == [3]
     assert (countdown, task_ids) == (0.0, None)
-    assert {r.status for r in await rows(job.message_id)} == {DeliveryStatus.PENDING}
+    assert {r.status for r in await deliveries(job.message_id)} == {DeliveryStatus.PENDING}
 
 
 async def test_a_redelivered_routing_task_reclaims_what_it_had_claimed(
@@ -224,7 +213,7 @@ async def test_a_redelivered_routing_task_reclaims_what_it_had_claimed(
         patch.setattr(memory, "send", dies)
         with pytest.raises(Died):
             await route_in_place(job, broker)
-    [row] = await rows(job.message_id)
+    [row] = await deliveries(job.message_id)
     task_id = in_place.in_place_id(ROUTE_ID, job.outbox_id)
     # Claimed, not delivered, not routed: as a dead process leaves it.
     assert (row.status, row.claimed_by) == (DeliveryStatus.PENDING, task_id)
@@ -233,7 +222,7 @@ async def test_a_redelivered_routing_task_reclaims_what_it_had_claimed(
     # The broker hands the routing task back under its id: same claimant, no wait.
     again = await route_in_place(job, broker)
     assert again.task_id == task_id and again.delivered == 1
-    [row] = await rows(job.message_id)
+    [row] = await deliveries(job.message_id)
     assert (row.status, row.claimed_by, row.attempts) == (DeliveryStatus.DELIVERED, None, 1)
     assert broker.sent == []
     assert await routed_at(job.outbox_id) is not None
@@ -257,7 +246,7 @@ async def test_a_batch_claimed_twice_is_split_into_singles_on_the_broker(
             await route_in_place(job, broker)
     await route_in_place(job, broker)  # redelivered: the batch may be what kills
 
-    ids = [r.id for r in await rows(job.message_id)]
+    ids = [r.id for r in await deliveries(job.message_id)]
     singles = [b.delivery_ids for batches, _, _ in broker.sent for b in batches]
     assert sorted(singles) == [(i,) for i in ids]
     assert memory.sent == []
@@ -280,7 +269,9 @@ async def test_a_failing_delivery_is_handed_to_the_broker_under_the_same_id(
 
     assert here.delivered == 0
     [(batches, countdown, task_ids)] = broker.sent
-    assert [b.delivery_ids for b in batches] == [tuple(r.id for r in await rows(job.message_id))]
+    assert [b.delivery_ids for b in batches] == [
+        tuple(r.id for r in await deliveries(job.message_id))
+    ]
     assert task_ids == [here.task_id] and countdown == 0.0
     assert [e["type"] for e in events] == ["task-received", "task-started", "task-failed"]
     assert "database went away" in events[2]["exception"]
