@@ -13,12 +13,12 @@ import asyncio
 import weakref
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
+from functools import cache
 from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
     Engine,
-    Insert,
     Integer,
     Text,
     any_,
@@ -51,6 +51,8 @@ __all__ = [
     "dispose",
     "is_postgres",
     "one_of",
+    "one_of_param",
+    "one_of_value",
     "unnest",
     "arrays",
     "constant",
@@ -123,6 +125,22 @@ def one_of(column: Any, values: Sequence[Any]) -> ColumnElement[bool]:
     else:
         matches = column.in_(list(values))
     return matches
+
+
+def one_of_param(column: Any, name: str, postgres: bool) -> ColumnElement[bool]:
+    """``one_of`` with its values given at execute (``one_of_value`` makes
+    them), for a statement built once per backend."""
+    matches: ColumnElement[bool]
+    if postgres:
+        matches = column == any_(array_bind(name, column.type))
+    else:
+        matches = column.in_(bindparam(name, expanding=True))
+    return matches
+
+
+def one_of_value(column: Any, values: Sequence[Any], postgres: bool) -> Any:
+    """The parameter of ``one_of_param(column, ...)`` for ``values``."""
+    return array_value(column.type, values) if postgres else list(values)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -240,20 +258,31 @@ def arrays(
     }
 
 
-def insert_rows(model: Any, rows: Sequence[Mapping[str, Any]]) -> Insert:
-    """PostgreSQL: ``INSERT ... SELECT ... FROM unnest(...) ORDER BY ordinal``.
+def insert_rows(
+    model: Any, rows: Sequence[Mapping[str, Any]], *, returning: Sequence[str] = ()
+) -> tuple[Any, dict[str, Any]]:
+    """PostgreSQL: ``INSERT ... SELECT ... FROM unnest(...) ORDER BY ordinal``,
+    and its parameters: run it as ``execute(*insert_rows(...))``.
 
     ``rows`` all have the same keys. Rows are inserted in their order, so a
     sequence numbers them in that order: sorted, the ids RETURNING gives are
     the rows' ids in order (what SQLAlchemy's ``sort_by_parameter_order``
-    relies on for PostgreSQL).
+    relies on for PostgreSQL). ``returning`` names the columns to return.
     """
-    names = list(rows[0])
+    names = tuple(rows[0])
+    return _insert_rows(model, names, tuple(returning)), arrays(model, "r", names, rows)
+
+
+@cache
+def _insert_rows(model: Any, names: tuple[str, ...], returning: tuple[str, ...]) -> Any:
+    # Built once per shape: building it again for every call cost more CPU
+    # than the round trip of a one-message send.
     source = unnest(model, "r", names, ordinal=True)
     ordered = select(*(source.c[n] for n in names)).order_by(source.c.ordinal)
-    return postgresql.insert(model).from_select(
-        names, ordered.params(arrays(model, "r", names, rows))
-    )
+    statement = postgresql.insert(model).from_select(names, ordered)
+    if returning:
+        return statement.returning(*(model.__table__.c[n] for n in returning))
+    return statement
 
 
 async def existing_ids(s: AsyncSession, column: Any, ids: Iterable[int]) -> set[int]:

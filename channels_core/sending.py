@@ -18,9 +18,10 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import cache
 
-from sqlalchemy import func, insert, select
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import CompoundSelect, case, func, insert, literal_column, select, union_all
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import InstrumentedAttribute
 
 from channels_core import db
@@ -37,7 +38,7 @@ from channels_core.models import (
     SubscriptionRow,
     utcnow,
 )
-from channels_core.permissions import SUBMIT, permissions_of
+from channels_core.permissions import SUBMIT, holds
 from channels_core.primitives import Channel, Message
 from channels_core.settings import get_settings
 from channels_core.transports.base import TransportResult
@@ -256,6 +257,45 @@ async def check_messages(messages: Sequence[Message]) -> None:
                     raise NotFoundError(kind, ident)
 
 
+@cache
+def _look_up_statement(postgres: bool) -> CompoundSelect:
+    subscribers = (
+        select(func.count()).where(SubscriptionRow.channel_id == ChannelRow.id).scalar_subquery()
+    )
+    submits = case((holds(PrincipalRow.id, SUBMIT), 1), else_=0)
+    return union_all(
+        select(literal_column("0"), ChannelRow.id, subscribers).where(
+            db.one_of_param(ChannelRow.id, "channels", postgres)
+        ),
+        select(literal_column("1"), PrincipalRow.id, submits).where(
+            db.one_of_param(PrincipalRow.id, "authors", postgres)
+        ),
+    )
+
+
+async def _look_up(
+    conn: AsyncConnection, channel_ids: Sequence[int], authors: Sequence[int]
+) -> tuple[dict[int, int], dict[int, bool]]:
+    """Each existing channel's subscriber count, and whether each existing
+    author may submit: one query for both, built once per backend."""
+    postgres = conn.dialect.name == "postgresql"
+    found = await conn.execute(
+        _look_up_statement(postgres),
+        {
+            "channels": db.one_of_value(ChannelRow.id, channel_ids, postgres),
+            "authors": db.one_of_value(PrincipalRow.id, authors, postgres),
+        },
+    )
+    counts: dict[int, int] = {}
+    permitted: dict[int, bool] = {}
+    for is_author, ident, value in found:
+        if is_author:
+            permitted[ident] = bool(value)
+        else:
+            counts[ident] = value
+    return counts, permitted
+
+
 async def send_messages(
     messages: Sequence[Message],
     channels: Sequence[Channel],
@@ -286,16 +326,18 @@ async def send_messages(
 
     plans: list[tuple[Message, list[_Entry]]] = []
     jobs: list[RouteJob] = []
+    authors = list(dict.fromkeys(m.author_id for m in messages if m.author_id is not None))
     async with db.session() as s, s.begin():
-        found = set(await s.scalars(select(ChannelRow.id).where(ChannelRow.id.in_(channel_ids))))
+        # Core statements on the session's own connection: for a single
+        # message the ORM's work per statement cost more than the round trips.
+        conn = await s.connection()
+        subscriber_counts, permitted = await _look_up(conn, channel_ids, authors)
         for channel_id in channel_ids:
-            if channel_id not in found:
+            if channel_id not in subscriber_counts:
                 raise NotFoundError("channel", channel_id)
-        permitted: dict[int, bool] = {}
-        for author_id in {m.author_id for m in messages if m.author_id is not None}:
-            if await s.get(PrincipalRow, author_id) is None:
+        for author_id in authors:
+            if author_id not in permitted:
                 raise NotFoundError("principal", author_id)
-            permitted[author_id] = SUBMIT in await permissions_of(s, author_id)
         # Saved if needed, but a message no channel accepts and that was
         # never saved stays unsaved: a refused send changes nothing.
         fresh: list[Message] = []
@@ -305,7 +347,7 @@ async def send_messages(
             elif permitted[m.author_id]:  # type: ignore[index]
                 fresh.append(m)
         if fresh:
-            await Message._insert_many(s, fresh)
+            await Message._insert_many(s, fresh, authors_exist=True)
         now = utcnow()
         relay_at = now + timedelta(seconds=get_settings().outbox_relay_after)
         rows: list[dict[str, object]] = []
@@ -322,23 +364,15 @@ async def send_messages(
                 )
         outbox_ids: dict[tuple[int, int], int] = {}
         if rows:
-            returning = (OutboxRow.id, OutboxRow.message_id, OutboxRow.channel_id)
-            if s.get_bind().dialect.name == "postgresql":
+            returning = ("id", "message_id", "channel_id")
+            if db.is_postgres():
                 # One short statement for any number of rows (see db.insert_rows).
-                inserted = await s.execute(db.insert_rows(OutboxRow, rows).returning(*returning))
+                inserted = await conn.execute(*db.insert_rows(OutboxRow, rows, returning=returning))
             else:
-                inserted = await s.execute(insert(OutboxRow).returning(*returning), rows)
+                columns = (OutboxRow.__table__.c[n] for n in returning)
+                inserted = await conn.execute(insert(OutboxRow).returning(*columns), rows)
             for new_id, message_id, channel_id in inserted:
                 outbox_ids[(message_id, channel_id)] = new_id
-        subscriber_counts = dict(
-            (
-                await s.execute(
-                    select(SubscriptionRow.channel_id, func.count())
-                    .where(SubscriptionRow.channel_id.in_(channel_ids))
-                    .group_by(SubscriptionRow.channel_id)
-                )
-            ).all()
-        )
         for m in messages:
             entries = []
             for c in channel_ids:
