@@ -10,6 +10,7 @@ loop beside an application's, each get their own pool.
 from __future__ import annotations
 
 import asyncio
+import time
 import weakref
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -31,11 +32,11 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
     AsyncSession,
-    async_sessionmaker,
     create_async_engine,
 )
 
@@ -61,7 +62,9 @@ __all__ = [
     "existing_ids",
 ]
 
-_engines: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncEngine] = (
+# Per event loop, an engine for transactions (False) and one whose
+# connections are in autocommit (True).
+_engines: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[bool, AsyncEngine]] = (
     weakref.WeakKeyDictionary()
 )
 _sync_engine: Engine | None = None
@@ -158,7 +161,7 @@ def _check_url_unchanged() -> None:
     current = str(_base_url())
     if _url != current:
         # Settings changed (tests switch databases): start afresh.
-        _stale.extend(_engines.items())
+        _stale.extend((loop, e) for loop, pair in _engines.items() for e in pair.values())
         _engines.clear()
         if _sync_engine is not None:
             _sync_engine.dispose()
@@ -166,25 +169,68 @@ def _check_url_unchanged() -> None:
         _url = current
 
 
-def get_engine() -> AsyncEngine:
-    """The async engine of the running event loop, created on first use."""
+def get_engine(*, autocommit: bool = False) -> AsyncEngine:
+    """The async engine of the running event loop, created on first use.
+
+    With ``autocommit``, an engine of its own whose connections stay in
+    autocommit: switching a pooled connection in and out of it cost as much
+    CPU as the statement it ran.
+    """
     _check_url_unchanged()
     loop = asyncio.get_running_loop()
-    engine = _engines.get(loop)
+    pair = _engines.get(loop)
+    if pair is None:
+        pair = _engines[loop] = {}
+    engine = pair.get(autocommit)
     if engine is None:
         url = async_url()
         kwargs: dict[str, Any] = {}
+        if autocommit:
+            kwargs.update(isolation_level="AUTOCOMMIT")
         if url.get_backend_name() == "postgresql":
-            kwargs.update(pool_size=10, max_overflow=20, pool_pre_ping=True)
+            kwargs.update(pool_size=10, max_overflow=20)
         engine = create_async_engine(url, **kwargs)
+        if url.get_backend_name() == "postgresql":
+            _ping_when_idle(engine.sync_engine)
         # psycopg runs an executemany INSERT without RETURNING as one server
         # statement per row; batched into multi-row VALUES it is one per
         # thousand. (Inserts with ON CONFLICT batch only with RETURNING.)
         engine.sync_engine.dialect.use_insertmanyvalues_wo_returning = True
         if url.get_backend_name() == "sqlite":
             event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
-        _engines[loop] = engine
+        pair[autocommit] = engine
     return engine
+
+
+# A pooled connection idle longer than this is pinged before it is handed
+# out; one used more recently is handed out as it is.
+PING_IDLE_AFTER = 1.0
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    """``pool_pre_ping``, for connections that have sat in the pool a while.
+
+    A ping before every checkout was a round trip per statement on the
+    delivery path, half the cost of a short statement. A connection used a
+    moment ago is alive or its server has just gone away; in the second case
+    the statement fails, SQLAlchemy invalidates the whole pool, and the next
+    checkout connects afresh, as after a failure in mid-statement.
+    """
+
+    @event.listens_for(engine, "checkin")
+    def _checkin(dbapi_connection: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        since = record.info.pop("idle_since", None)
+        if since is None or time.monotonic() - since < PING_IDLE_AFTER:
+            return  # just connected, or used a moment ago
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except Exception as exc:
+            # The pool drops this connection and checks out another.
+            raise DisconnectionError(f"pooled connection failed its ping: {exc}") from exc
 
 
 def get_sync_engine() -> Engine:
@@ -309,8 +355,7 @@ async def autocommit() -> AsyncIterator[AsyncConnection]:
     COMMIT or ROLLBACK round trips, no ORM (the delivery engine's hot path)."""
     if _stale:
         await _dispose_stale(asyncio.get_running_loop())
-    engine = get_engine().execution_options(isolation_level="AUTOCOMMIT")
-    async with engine.connect() as conn:
+    async with get_engine(autocommit=True).connect() as conn:
         yield conn
 
 
@@ -324,11 +369,7 @@ async def session(*, autocommit: bool = False) -> AsyncIterator[AsyncSession]:
     """
     if _stale:
         await _dispose_stale(asyncio.get_running_loop())
-    engine = get_engine()
-    if autocommit:
-        engine = engine.execution_options(isolation_level="AUTOCOMMIT")
-    maker = async_sessionmaker(engine, expire_on_commit=False)
-    async with maker() as s:
+    async with AsyncSession(get_engine(autocommit=autocommit), expire_on_commit=False) as s:
         yield s
 
 
@@ -343,6 +384,5 @@ async def dispose() -> None:
     """Close the running loop's pools (end of a CLI command, a test, a worker)."""
     loop = asyncio.get_running_loop()
     await _dispose_stale(loop)
-    engine = _engines.pop(loop, None)
-    if engine is not None:
+    for engine in _engines.pop(loop, {}).values():
         await engine.dispose()

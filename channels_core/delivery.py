@@ -22,10 +22,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from functools import cache
+from typing import Any, cast
 
-from sqlalchemy import or_, select, update
-from sqlalchemy.dialects import postgresql as db_postgresql
+from sqlalchemy import Select, Update, bindparam, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from channels_core import db, delivery_pg, endpoints, metrics
@@ -104,22 +104,35 @@ def _chunks(items: Sequence[int], size: int) -> list[tuple[int, ...]]:
 # -- routing -----------------------------------------------------------------
 
 
+@cache
+def _entry_statement() -> Select[Any]:
+    """An outbox entry with its channel's columns (None where the channel is gone)."""
+    return (
+        select(OutboxRow.message_id, OutboxRow.channel_id, OutboxRow.routed_at, *_CHANNEL)
+        .outerjoin(ChannelRow, ChannelRow.id == OutboxRow.channel_id)
+        .where(OutboxRow.id == bindparam("outbox_id", type_=OutboxRow.id.type))
+    )
+
+
+_CHANNEL = tuple(ChannelRow.__table__.c)
+
+
 async def route(job: RouteJob) -> RouteStats:
     """Create the deliveries of one outbox entry and enqueue them in batches."""
     settings = get_settings()
     stats = RouteStats(job.outbox_id)
     dispatcher = get_dispatcher()
-    async with db.session() as s:
-        outbox = await s.get(OutboxRow, job.outbox_id)
-        if outbox is None or outbox.routed_at is not None:
-            stats.skipped = True
-            return stats
-        channel_row = await s.get(ChannelRow, outbox.channel_id)
-    if channel_row is None:  # deleted since the send: nothing to route to
+    async with db.autocommit() as conn:
+        entry = (await conn.execute(_entry_statement(), {"outbox_id": job.outbox_id})).first()
+    if entry is None or entry.routed_at is not None:
+        stats.skipped = True
+        return stats
+    if entry.id is None:  # the channel was deleted since the send: nothing to route to
         await _mark_routed(job.outbox_id, None, "channel no longer exists")
         stats.skipped = True
         return stats
-    channel = Channel._from_row(channel_row)
+    # The row carries the channel's columns under their own names.
+    channel = Channel._from_row(cast(ChannelRow, entry))
     try:
         transport = channel.get_egress_repository().resolve_name()
         error = None
@@ -127,120 +140,124 @@ async def route(job: RouteJob) -> RouteStats:
         transport, error = NO_TRANSPORT, str(exc)
     stats.transport = transport
 
+    page = _page_postgres if db.is_postgres() else _page_portable
     last = 0
     while True:
-        async with db.session() as s, s.begin():
-            page = list(
-                (
-                    await s.execute(
-                        select(
-                            SubscriptionRow.id, SubscriptionRow.subscriber_id, PrincipalRow.active
-                        )
-                        .join(PrincipalRow, PrincipalRow.id == SubscriptionRow.subscriber_id)
-                        .where(
-                            SubscriptionRow.channel_id == outbox.channel_id,
-                            SubscriptionRow.id > last,
-                        )
-                        .order_by(SubscriptionRow.id)
-                        .limit(settings.route_page_size)
-                    )
-                ).all()
-            )
-            if not page:
-                break
-            last = page[-1][0]
-            # A short page is the last one: asking again would only cost one
-            # more transaction to find an empty page.
-            more = len(page) >= settings.route_page_size
-            # Inactive subscribers are skipped: no delivery row, nothing owed.
-            subscriber_ids = [sid for _, sid, active in page if active]
-            if not subscriber_ids:
-                if more:
-                    continue
-                break
-            now = utcnow()
-            rows = [
-                {
-                    "message_id": outbox.message_id,
-                    "channel_id": outbox.channel_id,
-                    "subscriber_id": sid,
-                    "transport": transport,
-                    "status": DeliveryStatus.DEAD if error else DeliveryStatus.PENDING,
-                    "attempts": 0,
-                    "retry_base": 0,
-                    "next_attempt_at": None if error else now,
-                    "queued_until": None
-                    if error
-                    else now + timedelta(seconds=settings.queue_lease),
-                    "last_error": error,
-                    "created_at": now,
-                    "updated_at": now,
-                }
-                for sid in subscriber_ids
-            ]
-            if db.is_postgres():
-                # One array parameter for the one column that differs: the
-                # statement's text is the same for every page.
-                varying = db.unnest(DeliveryRow, "d", ["subscriber_id"])
-                same = {k: v for k, v in rows[0].items() if k != "subscriber_id"}
-                await s.execute(
-                    db_postgresql.insert(DeliveryRow)
-                    .from_select(
-                        ["subscriber_id", *same],
-                        select(
-                            varying.c.subscriber_id,
-                            *(db.constant(DeliveryRow, k, v) for k, v in same.items()),
-                        ).params(
-                            d_subscriber_id=db.array_value(
-                                DeliveryRow.subscriber_id.type, subscriber_ids
-                            )
-                        ),
-                    )
-                    .on_conflict_do_nothing()
-                )
-            else:
-                # RETURNING turns on SQLAlchemy's batched multi-row VALUES
-                # ("insertmanyvalues"), which ON CONFLICT alone does not: one
-                # statement per page instead of one per row.
-                await s.execute(
-                    db.insert(s, DeliveryRow).on_conflict_do_nothing().returning(DeliveryRow.id),
-                    rows,
-                )
-            ids = list(
-                await s.scalars(
-                    select(DeliveryRow.id)
-                    .where(
-                        DeliveryRow.message_id == outbox.message_id,
-                        DeliveryRow.channel_id == outbox.channel_id,
-                        db.one_of(DeliveryRow.subscriber_id, subscriber_ids),
-                        DeliveryRow.status.in_(_NOT_FINAL),
-                    )
-                    .order_by(DeliveryRow.id)
-                )
-            )
-        stats.deliveries += len(subscriber_ids)
+        now = utcnow()
+        values = {
+            "message_id": entry.message_id,
+            "channel_id": entry.channel_id,
+            "transport": transport,
+            "status": DeliveryStatus.DEAD if error else DeliveryStatus.PENDING,
+            "attempts": 0,
+            "retry_base": 0,
+            "next_attempt_at": None if error else now,
+            "queued_until": None if error else now + timedelta(seconds=settings.queue_lease),
+            "last_error": error,
+            "created_at": now,
+            "updated_at": now,
+        }
+        found = await page(values, last, settings.route_page_size)
+        if not found.seen:
+            break
+        last = found.last
+        stats.deliveries += found.active
         batches = [
-            Batch(outbox.message_id, outbox.channel_id, chunk)
-            for chunk in _chunks(ids, settings.batch_size)
+            Batch(entry.message_id, entry.channel_id, chunk)
+            for chunk in _chunks(found.ids, settings.batch_size)
         ]
         if batches:
             # Committed above: if this enqueue fails the sweeper finds the
             # rows once queue_lease passes.
             await dispatcher.enqueue_batches(batches)
             stats.batches += len(batches)
-        if not more:
+        # A short page is the last one: asking again would only cost one
+        # more round trip to find an empty page.
+        if found.seen < settings.route_page_size:
             break
     await _mark_routed(job.outbox_id, transport, error)
     return stats
 
 
-async def _mark_routed(outbox_id: int, transport: str | None, error: str | None) -> None:
+@dataclass(frozen=True)
+class _Page:
+    last: int  # the page's last subscription id: the next page starts after it
+    seen: int  # subscriptions on the page
+    active: int  # ...of active subscribers: those that get a delivery
+    ids: list[int]  # their deliveries that are not final, new or not, in id order
+
+
+async def _page_postgres(values: dict[str, Any], after: int, size: int) -> _Page:
+    """One page in one statement (``delivery_pg.route_page``)."""
+    last, seen, active, ids = await delivery_pg.route_page(values, after, size)
+    return _Page(last or 0, seen, active, ids)
+
+
+async def _page_portable(values: dict[str, Any], after: int, size: int) -> _Page:
+    """One page in one transaction: read it, insert its rows, read their ids."""
     async with db.session() as s, s.begin():
-        await s.execute(
-            update(OutboxRow)
-            .where(OutboxRow.id == outbox_id, OutboxRow.routed_at.is_(None))
-            .values(routed_at=utcnow(), transport=transport, error=error)
+        page = list(
+            (
+                await s.execute(
+                    select(SubscriptionRow.id, SubscriptionRow.subscriber_id, PrincipalRow.active)
+                    .join(PrincipalRow, PrincipalRow.id == SubscriptionRow.subscriber_id)
+                    .where(
+                        SubscriptionRow.channel_id == values["channel_id"],
+                        SubscriptionRow.id > after,
+                    )
+                    .order_by(SubscriptionRow.id)
+                    .limit(size)
+                )
+            ).all()
         )
+        if not page:
+            return _Page(after, 0, 0, [])
+        # Inactive subscribers are skipped: no delivery row, nothing owed.
+        subscriber_ids = [sid for _, sid, active in page if active]
+        ids: list[int] = []
+        if subscriber_ids:
+            # RETURNING turns on SQLAlchemy's batched multi-row VALUES
+            # ("insertmanyvalues"), which ON CONFLICT alone does not: one
+            # statement per page instead of one per row.
+            await s.execute(
+                db.insert(s, DeliveryRow).on_conflict_do_nothing().returning(DeliveryRow.id),
+                [{**values, "subscriber_id": sid} for sid in subscriber_ids],
+            )
+            ids = list(
+                await s.scalars(
+                    select(DeliveryRow.id)
+                    .where(
+                        DeliveryRow.message_id == values["message_id"],
+                        DeliveryRow.channel_id == values["channel_id"],
+                        DeliveryRow.subscriber_id.in_(subscriber_ids),
+                        DeliveryRow.status.in_(_NOT_FINAL),
+                    )
+                    .order_by(DeliveryRow.id)
+                )
+            )
+    return _Page(page[-1][0], len(page), len(subscriber_ids), ids)
+
+
+@cache
+def _mark_routed_statement() -> Update:
+    return (
+        update(OutboxRow)
+        .where(
+            OutboxRow.id == bindparam("outbox_id", type_=OutboxRow.id.type),
+            OutboxRow.routed_at.is_(None),
+        )
+        .values(
+            routed_at=bindparam("routed_at", type_=OutboxRow.routed_at.type),
+            transport=bindparam("transport", type_=OutboxRow.transport.type),
+            error=bindparam("error", type_=OutboxRow.error.type),
+        )
+    )
+
+
+async def _mark_routed(outbox_id: int, transport: str | None, error: str | None) -> None:
+    params = {"outbox_id": outbox_id, "routed_at": utcnow(), "transport": transport, "error": error}
+    async with db.autocommit() as conn:
+        await conn.execute(_mark_routed_statement(), params)
 
 
 # -- delivering a batch --------------------------------------------------------

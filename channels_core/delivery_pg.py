@@ -3,6 +3,8 @@
 ``channels_core.delivery`` runs every batch through these when the database
 is PostgreSQL (SQLite keeps the portable statements there):
 
+- ``route_page``: a page of a channel's subscribers turned into delivery
+  rows, and the ids of those not final, in one statement;
 - ``claim``: the UPDATE that claims the batch's deliveries, in a CTE joined
   to ``principals``, so the subscribers come back with the claim;
 - ``load``: the message with its references, and the channel;
@@ -22,7 +24,18 @@ from datetime import datetime, timedelta
 from functools import cache
 from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import Executable, Update, any_, bindparam, case, func, or_, select, update
+from sqlalchemy import (
+    Executable,
+    Update,
+    any_,
+    bindparam,
+    case,
+    func,
+    or_,
+    select,
+    union_all,
+    update,
+)
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import aggregate_order_by
 
@@ -35,6 +48,7 @@ from channels_core.models import (
     MessageReferenceRow,
     MessageRow,
     PrincipalRow,
+    SubscriptionRow,
     UTCDateTime,
 )
 from channels_core.primitives import Channel, Message, Principal
@@ -42,7 +56,15 @@ from channels_core.primitives import Channel, Message, Principal
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-__all__ = ["claim", "claim_update", "load", "record", "ATTEMPT_ARRAYS", "STATE_ARRAYS"]
+__all__ = [
+    "route_page",
+    "claim",
+    "claim_update",
+    "load",
+    "record",
+    "ATTEMPT_ARRAYS",
+    "STATE_ARRAYS",
+]
 
 # Columns that differ per delivery, sent as one array each.
 ATTEMPT_ARRAYS = ("delivery_id", "attempt", "status", "status_code", "error", "latency_ms")
@@ -51,10 +73,74 @@ STATE_ARRAYS = (
     *("next_attempt_at", "queued_until"),
 )
 _PRINCIPAL = PrincipalRow.__table__.c
+_DELIVERY = DeliveryRow.__table__.c
+_NOT_FINAL = (DeliveryStatus.PENDING, DeliveryStatus.RETRYING)
 
 
 def _stamp(name: str) -> Any:
     return bindparam(name, type_=UTCDateTime())
+
+
+@cache
+def _route_page_statement(size: int, columns: tuple[str, ...]) -> Executable:
+    # Every row of a page has the same values but its subscriber.
+    same = {c: bindparam(f"row_{c}", type_=_DELIVERY[c].type) for c in columns}
+    page = (
+        select(SubscriptionRow.id, SubscriptionRow.subscriber_id, PrincipalRow.active)
+        .join(PrincipalRow, PrincipalRow.id == SubscriptionRow.subscriber_id)
+        .where(
+            SubscriptionRow.channel_id == same["channel_id"],
+            SubscriptionRow.id > bindparam("after", type_=SubscriptionRow.id.type),
+        )
+        .order_by(SubscriptionRow.id)
+        .limit(size)
+        .cte("page")
+    )
+    # Inactive subscribers are skipped: no delivery row, nothing owed.
+    active = select(page.c.subscriber_id).where(page.c.active)
+    fresh = (
+        postgresql.insert(DeliveryRow)
+        .from_select(
+            ["subscriber_id", *same],
+            select(page.c.subscriber_id, *same.values()).where(page.c.active).order_by(page.c.id),
+        )
+        .on_conflict_do_nothing()
+        .returning(DeliveryRow.id, DeliveryRow.status)
+        .cte("fresh")
+    )
+    # Rows an earlier run of this routing made. The statement's snapshot does
+    # not hold the rows "fresh" inserts, so the two never overlap.
+    known = select(DeliveryRow.id).where(
+        DeliveryRow.message_id == same["message_id"],
+        DeliveryRow.channel_id == same["channel_id"],
+        DeliveryRow.subscriber_id.in_(active),
+        DeliveryRow.status.in_(_NOT_FINAL),
+    )
+    ids = union_all(select(fresh.c.id).where(fresh.c.status.in_(_NOT_FINAL)), known).subquery()
+    return select(
+        select(func.max(page.c.id)).scalar_subquery().label("last"),
+        select(func.count()).select_from(page).scalar_subquery().label("seen"),
+        select(func.count()).select_from(page).where(page.c.active).scalar_subquery(),
+        func.coalesce(
+            select(func.array_agg(aggregate_order_by(ids.c.id, ids.c.id))).scalar_subquery(),
+            postgresql.array([], type_=DeliveryRow.id.type),
+        ),
+    )
+
+
+async def route_page(
+    values: dict[str, Any], after: int, size: int
+) -> tuple[int | None, int, int, list[int]]:
+    """Up to ``size`` subscriptions of ``values["channel_id"]`` after
+    subscription ``after`` become delivery rows of ``values`` (ON CONFLICT DO
+    NOTHING: routing twice is harmless). Returns the page's last subscription
+    id, how many subscriptions it held and of active subscribers, and the
+    ids of their deliveries that are not final, new or made before."""
+    params = {f"row_{c}": v for c, v in values.items()}
+    params["after"] = after
+    async with db.autocommit() as conn:
+        row = (await conn.execute(_route_page_statement(size, tuple(values)), params)).one()
+    return row[0], row[1], row[2], list(row[3])
 
 
 def claim_update(ids: Any, claimant: Any, now: Any, due: Any, until: Any) -> Update:
