@@ -59,6 +59,7 @@ __all__ = [
     "constant",
     "autocommit",
     "insert_rows",
+    "insert_rows_statement",
     "existing_ids",
 ]
 
@@ -316,11 +317,14 @@ def insert_rows(
     relies on for PostgreSQL). ``returning`` names the columns to return.
     """
     names = tuple(rows[0])
-    return _insert_rows(model, names, tuple(returning)), arrays(model, "r", names, rows)
+    return insert_rows_statement(model, names, tuple(returning)), arrays(model, "r", names, rows)
 
 
 @cache
-def _insert_rows(model: Any, names: tuple[str, ...], returning: tuple[str, ...]) -> Any:
+def insert_rows_statement(
+    model: Any, names: tuple[str, ...], returning: tuple[str, ...] = ()
+) -> Any:
+    """The statement ``insert_rows`` runs, for a statement built around it."""
     # Built once per shape: building it again for every call cost more CPU
     # than the round trip of a one-message send.
     source = unnest(model, "r", names, ordinal=True)

@@ -20,7 +20,20 @@ from dataclasses import dataclass
 from datetime import timedelta
 from functools import cache
 
-from sqlalchemy import CompoundSelect, case, func, insert, literal_column, select, union_all
+from sqlalchemy import (
+    CompoundSelect,
+    Executable,
+    bindparam,
+    case,
+    func,
+    insert,
+    literal_column,
+    select,
+    true,
+    union_all,
+)
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import InstrumentedAttribute
 
@@ -324,20 +337,20 @@ async def send_messages(
             raise ValidationError("a message needs an author_id before it is sent")
         m._validate()
 
-    plans: list[tuple[Message, list[_Entry]]] = []
-    jobs: list[RouteJob] = []
     authors = list(dict.fromkeys(m.author_id for m in messages if m.author_id is not None))
+    if before_commit is None and db.is_postgres() and all(_plain_new(m) for m in messages):
+        try:
+            return await _send_new(messages, channel_ids, authors)
+        except IntegrityError:
+            # A link named by a message is missing (or a channel went away
+            # meanwhile). Nothing was written: the checked path names it.
+            pass
     async with db.session() as s, s.begin():
         # Core statements on the session's own connection: for a single
         # message the ORM's work per statement cost more than the round trips.
         conn = await s.connection()
         subscriber_counts, permitted = await _look_up(conn, channel_ids, authors)
-        for channel_id in channel_ids:
-            if channel_id not in subscriber_counts:
-                raise NotFoundError("channel", channel_id)
-        for author_id in authors:
-            if author_id not in permitted:
-                raise NotFoundError("principal", author_id)
+        _require(channel_ids, subscriber_counts, authors, permitted)
         # Saved if needed, but a message no channel accepts and that was
         # never saved stays unsaved: a refused send changes nothing.
         fresh: list[Message] = []
@@ -373,40 +386,133 @@ async def send_messages(
                 inserted = await conn.execute(insert(OutboxRow).returning(*columns), rows)
             for new_id, message_id, channel_id in inserted:
                 outbox_ids[(message_id, channel_id)] = new_id
-        for m in messages:
-            entries = []
-            for c in channel_ids:
-                outbox_id: int | None = outbox_ids.get((m.id, c)) if m.id is not None else None
-                if outbox_id is None:
-                    result = TransportResult(
-                        success=False,
-                        errors=[
-                            f"principal {m.author_id} lacks permission {SUBMIT!r} on channel {c}"
-                        ],
-                        channel_id=c,
-                        message_id=m.id,
-                    )
-                else:
-                    assert m.id is not None
-                    jobs.append(RouteJob(outbox_id, m.id, c))
-                    result = TransportResult(
-                        success=True,
-                        pending_count=subscriber_counts.get(c, 0),
-                        channel_id=c,
-                        message_id=m.id,
-                    )
-                entries.append(_Entry(c, outbox_id, result))
-            plans.append((m, entries))
+        dispatches, jobs = _dispatches(messages, channel_ids, outbox_ids, subscriber_counts)
         if before_commit is not None:
             await before_commit(s, messages)
-    if jobs:
-        try:
-            await get_dispatcher().enqueue_routes(jobs)
-        except Exception as exc:
-            # Committed is accepted: the sweeper relays these entries later.
-            log.warning(
-                "enqueue failed for %d routing jobs; the outbox relay will retry: %s",
-                len(jobs),
-                exc,
-            )
-    return [Dispatch(m.id, entries) for m, entries in plans]
+    await _enqueue(jobs)
+    return dispatches
+
+
+def _plain_new(m: Message) -> bool:
+    """Unsaved, without references, every link an id the database can hold:
+    a message ``_send_new`` writes in its one statement."""
+    links = (m.author_id, m.reply_to_id, m.conversation_id)
+    return m.id is None and not m.references and all(i is None or i < 2**63 for i in links)
+
+
+def _require(
+    channel_ids: Sequence[int],
+    subscriber_counts: dict[int, int],
+    authors: Sequence[int],
+    permitted: dict[int, bool],
+) -> None:
+    for channel_id in channel_ids:
+        if channel_id not in subscriber_counts:
+            raise NotFoundError("channel", channel_id)
+    for author_id in authors:
+        if author_id not in permitted:
+            raise NotFoundError("principal", author_id)
+
+
+@cache
+def _new_statement(columns: tuple[str, ...]) -> Executable:
+    """New messages and their outbox entries for every channel, in one
+    statement (PostgreSQL): atomic without a transaction around it."""
+    messages = db.insert_rows_statement(MessageRow, columns, ("id",)).cte("new_messages")
+    targets = db.unnest(OutboxRow, "o", ["channel_id"])
+    outbox = (
+        postgresql.insert(OutboxRow)
+        .from_select(
+            ["message_id", "channel_id", "created_at", "relay_at", "relays"],
+            select(
+                messages.c.id,
+                targets.c.channel_id,
+                bindparam("outbox_created_at", type_=OutboxRow.created_at.type),
+                bindparam("outbox_relay_at", type_=OutboxRow.relay_at.type),
+                literal_column("0"),
+            ).select_from(messages.join(targets, true())),
+        )
+        .returning(OutboxRow.id, OutboxRow.message_id, OutboxRow.channel_id)
+        .cte("new_outbox")
+    )
+    return select(outbox.c.id, outbox.c.message_id, outbox.c.channel_id)
+
+
+async def _send_new(
+    messages: Sequence[Message], channel_ids: list[int], authors: list[int]
+) -> list[Dispatch]:
+    """``send_messages`` for new messages on PostgreSQL in two round trips: the
+    look-up, then messages and outbox entries in one statement. Links are
+    left to the foreign keys: a missing one raises IntegrityError, and
+    nothing is written."""
+    async with db.autocommit() as conn:
+        subscriber_counts, permitted = await _look_up(conn, channel_ids, authors)
+    _require(channel_ids, subscriber_counts, authors, permitted)
+    # A message no channel accepts stays unsaved: a refused send changes nothing.
+    accepted = [m for m in messages if permitted[m.author_id]]  # type: ignore[index]
+    outbox_ids: dict[tuple[int, int], int] = {}
+    if accepted:
+        now = utcnow()
+        rows = [{**m._values(), "created_at": now} for m in accepted]
+        statement, params = db.insert_rows(MessageRow, rows)
+        params.update(
+            db.arrays(OutboxRow, "o", ["channel_id"], [{"channel_id": c} for c in channel_ids]),
+            outbox_created_at=now,
+            outbox_relay_at=now + timedelta(seconds=get_settings().outbox_relay_after),
+        )
+        async with db.autocommit() as conn:
+            inserted = (await conn.execute(_new_statement(tuple(rows[0])), params)).all()
+        # Rows are numbered in their order (db.insert_rows): sorted ids are theirs in order.
+        ids = sorted({message_id for _, message_id, _ in inserted})
+        for m, message_id in zip(accepted, ids, strict=True):
+            m.id, m.created_at = message_id, now
+        outbox_ids = {(message_id, c): new_id for new_id, message_id, c in inserted}
+    dispatches, jobs = _dispatches(messages, channel_ids, outbox_ids, subscriber_counts)
+    await _enqueue(jobs)
+    return dispatches
+
+
+def _dispatches(
+    messages: Sequence[Message],
+    channel_ids: Sequence[int],
+    outbox_ids: dict[tuple[int, int], int],
+    subscriber_counts: dict[int, int],
+) -> tuple[list[Dispatch], list[RouteJob]]:
+    """Each message's Dispatch, and the routing jobs of its accepted channels."""
+    dispatches: list[Dispatch] = []
+    jobs: list[RouteJob] = []
+    for m in messages:
+        entries = []
+        for c in channel_ids:
+            outbox_id: int | None = outbox_ids.get((m.id, c)) if m.id is not None else None
+            if outbox_id is None:
+                result = TransportResult(
+                    success=False,
+                    errors=[f"principal {m.author_id} lacks permission {SUBMIT!r} on channel {c}"],
+                    channel_id=c,
+                    message_id=m.id,
+                )
+            else:
+                assert m.id is not None
+                jobs.append(RouteJob(outbox_id, m.id, c))
+                result = TransportResult(
+                    success=True,
+                    pending_count=subscriber_counts.get(c, 0),
+                    channel_id=c,
+                    message_id=m.id,
+                )
+            entries.append(_Entry(c, outbox_id, result))
+        dispatches.append(Dispatch(m.id, entries))
+    return dispatches, jobs
+
+
+async def _enqueue(jobs: list[RouteJob]) -> None:
+    if not jobs:
+        return
+    try:
+        await get_dispatcher().enqueue_routes(jobs)
+    except Exception as exc:
+        # Committed is accepted: the sweeper relays these entries later.
+        log.warning(
+            "enqueue failed for %d routing jobs; the outbox relay will retry: %s", len(jobs), exc
+        )

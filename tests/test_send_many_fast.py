@@ -156,3 +156,57 @@ async def test_an_earlier_message_missing_a_link_is_named_first(
         with pytest.raises(NotFoundError) as refused:
             await AsyncProducer().send_many(batch, channel)
     assert str(refused.value) == str(NotFoundError("message", 995))
+
+
+async def test_new_messages_are_written_by_the_one_statement_path(
+    database: str, dispatcher: MemoryDispatcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On PostgreSQL, new messages without references skip the transaction:
+    one look-up, then messages and outbox entries in one statement. The
+    fallback to the checked path on IntegrityError must not be what serves
+    them (it would hide a statement that always fails)."""
+    if not db.is_postgres():
+        pytest.skip("the one-statement path is PostgreSQL's")
+    from channels_core import sending
+
+    outcomes: list[str] = []
+    fast = sending._send_new
+
+    async def watched(*args: object) -> object:
+        try:
+            result = await fast(*args)  # type: ignore[arg-type]
+        except Exception as exc:
+            outcomes.append(type(exc).__name__)
+            raise
+        outcomes.append("written")
+        return result
+
+    monkeypatch.setattr(sending, "_send_new", watched)
+    author = await principal_with(SUBMIT)
+    a = await Channel("a").save()
+    b = await Channel("b").save()
+
+    one = await AsyncProducer().send([a, b], "one", author_id=author.id)
+    many = await AsyncProducer().send_many(
+        [{"content": f"m{i}", "author_id": author.id} for i in range(3)], [a, b]
+    )
+
+    assert outcomes == ["written", "written"]
+    ids = [one.message_id, *(d.message_id for d in many)]
+    async with db.session() as s:
+        found = await s.execute(
+            select(MessageRow.id, MessageRow.content).where(MessageRow.id.in_(ids))
+        )
+        contents = {message_id: content for message_id, content in found}
+        outbox = (
+            await s.execute(
+                select(OutboxRow.message_id, OutboxRow.channel_id, OutboxRow.relays).where(
+                    OutboxRow.message_id.in_(ids)
+                )
+            )
+        ).all()
+    assert [contents[i] for i in ids] == ["one", "m0", "m1", "m2"]  # type: ignore[index]
+    assert sorted(outbox) == sorted((i, c, 0) for i in ids for c in (a.id, b.id))
+    assert sorted((j.message_id, j.channel_id) for j in dispatcher.jobs) == sorted(
+        (i, c) for i in ids for c in (a.id, b.id)
+    )
