@@ -15,19 +15,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import cache
+from typing import Any
 
 from sqlalchemy import (
     CompoundSelect,
     Executable,
     bindparam,
     case,
+    cast,
     func,
     insert,
     literal_column,
+    null,
     select,
     true,
     union_all,
@@ -277,9 +280,11 @@ def _look_up_statement(postgres: bool) -> CompoundSelect:
     )
     submits = case((holds(PrincipalRow.id, SUBMIT), 1), else_=0)
     return union_all(
-        select(literal_column("0"), ChannelRow.id, subscribers).where(
-            db.one_of_param(ChannelRow.id, "channels", postgres)
-        ),
+        select(
+            literal_column("0").label("kind"),
+            ChannelRow.id.label("ident"),
+            subscribers.label("value"),
+        ).where(db.one_of_param(ChannelRow.id, "channels", postgres)),
         select(literal_column("1"), PrincipalRow.id, submits).where(
             db.one_of_param(PrincipalRow.id, "authors", postgres)
         ),
@@ -299,12 +304,18 @@ async def _look_up(
             "authors": db.one_of_value(PrincipalRow.id, authors, postgres),
         },
     )
+    return _looked_up(found)
+
+
+def _looked_up(rows: Iterable[Sequence[Any]]) -> tuple[dict[int, int], dict[int, bool]]:
+    """Subscriber counts by channel and permission by author, from the
+    look-up's rows (kind 0: a channel, 1: an author; others are not its)."""
     counts: dict[int, int] = {}
     permitted: dict[int, bool] = {}
-    for is_author, ident, value in found:
-        if is_author:
+    for kind, ident, value, *_ in rows:
+        if kind == 1:
             permitted[ident] = bool(value)
-        else:
+        elif kind == 0:
             counts[ident] = value
     return counts, permitted
 
@@ -416,9 +427,35 @@ def _require(
 
 @cache
 def _new_statement(columns: tuple[str, ...]) -> Executable:
-    """New messages and their outbox entries for every channel, in one
-    statement (PostgreSQL): atomic without a transaction around it."""
-    messages = db.insert_rows_statement(MessageRow, columns, ("id",)).cte("new_messages")
+    """The look-up, new messages, and their outbox entries for every channel,
+    in one statement (PostgreSQL): atomic without a transaction around it.
+
+    Messages are written only if every channel and every author exists, and
+    only those whose author may submit; the look-up's rows come back beside
+    the outbox entries (kind 2), so the caller refuses what the transaction
+    path would, with nothing written.
+    """
+    look = _look_up_statement(True).cte("look")
+    kinds = func.count().filter(look.c.kind == 0), func.count().filter(look.c.kind == 1)
+    channels_found = select(kinds[0]).select_from(look).scalar_subquery()
+    authors_found = select(kinds[1]).select_from(look).scalar_subquery()
+    source = db.unnest(MessageRow, "r", columns, ordinal=True)
+    submitters = select(look.c.ident).where(look.c.kind == 1, look.c.value == 1)
+    messages = (
+        postgresql.insert(MessageRow)
+        .from_select(
+            columns,
+            select(*(source.c[c] for c in columns))
+            .where(
+                channels_found == bindparam("channel_count"),
+                authors_found == bindparam("author_count"),
+                source.c.author_id.in_(submitters),
+            )
+            .order_by(source.c.ordinal),
+        )
+        .returning(MessageRow.id)
+        .cte("new_messages")
+    )
     targets = db.unnest(OutboxRow, "o", ["channel_id"])
     outbox = (
         postgresql.insert(OutboxRow)
@@ -435,38 +472,43 @@ def _new_statement(columns: tuple[str, ...]) -> Executable:
         .returning(OutboxRow.id, OutboxRow.message_id, OutboxRow.channel_id)
         .cte("new_outbox")
     )
-    return select(outbox.c.id, outbox.c.message_id, outbox.c.channel_id)
+    nothing = cast(null(), OutboxRow.id.type)
+    return union_all(
+        select(look.c.kind, look.c.ident, look.c.value, nothing),
+        select(literal_column("2"), outbox.c.id, outbox.c.message_id, outbox.c.channel_id),
+    )
 
 
 async def _send_new(
     messages: Sequence[Message], channel_ids: list[int], authors: list[int]
 ) -> list[Dispatch]:
-    """``send_messages`` for new messages on PostgreSQL in two round trips: the
-    look-up, then messages and outbox entries in one statement. Links are
-    left to the foreign keys: a missing one raises IntegrityError, and
-    nothing is written."""
+    """``send_messages`` for new messages on PostgreSQL in one round trip
+    (``_new_statement``). Links are left to the foreign keys: a missing one
+    raises IntegrityError, and nothing is written."""
+    now = utcnow()
+    rows = [{**m._values(), "created_at": now} for m in messages]
+    params = db.arrays(MessageRow, "r", list(rows[0]), rows)
+    params.update(
+        db.arrays(OutboxRow, "o", ["channel_id"], [{"channel_id": c} for c in channel_ids]),
+        channels=db.one_of_value(ChannelRow.id, channel_ids, True),
+        authors=db.one_of_value(PrincipalRow.id, authors, True),
+        channel_count=len(channel_ids),
+        author_count=len(authors),
+        outbox_created_at=now,
+        outbox_relay_at=now + timedelta(seconds=get_settings().outbox_relay_after),
+    )
     async with db.autocommit() as conn:
-        subscriber_counts, permitted = await _look_up(conn, channel_ids, authors)
+        found = (await conn.execute(_new_statement(tuple(rows[0])), params)).all()
+    subscriber_counts, permitted = _looked_up(found)
     _require(channel_ids, subscriber_counts, authors, permitted)
+    inserted = [(new_id, message_id, c) for kind, new_id, message_id, c in found if kind == 2]
     # A message no channel accepts stays unsaved: a refused send changes nothing.
     accepted = [m for m in messages if permitted[m.author_id]]  # type: ignore[index]
-    outbox_ids: dict[tuple[int, int], int] = {}
-    if accepted:
-        now = utcnow()
-        rows = [{**m._values(), "created_at": now} for m in accepted]
-        statement, params = db.insert_rows(MessageRow, rows)
-        params.update(
-            db.arrays(OutboxRow, "o", ["channel_id"], [{"channel_id": c} for c in channel_ids]),
-            outbox_created_at=now,
-            outbox_relay_at=now + timedelta(seconds=get_settings().outbox_relay_after),
-        )
-        async with db.autocommit() as conn:
-            inserted = (await conn.execute(_new_statement(tuple(rows[0])), params)).all()
-        # Rows are numbered in their order (db.insert_rows): sorted ids are theirs in order.
-        ids = sorted({message_id for _, message_id, _ in inserted})
-        for m, message_id in zip(accepted, ids, strict=True):
-            m.id, m.created_at = message_id, now
-        outbox_ids = {(message_id, c): new_id for new_id, message_id, c in inserted}
+    # Rows are numbered in their order (db.insert_rows): sorted ids are theirs in order.
+    ids = sorted({message_id for _, message_id, _ in inserted})
+    for m, message_id in zip(accepted, ids, strict=True):
+        m.id, m.created_at = message_id, now
+    outbox_ids = {(message_id, c): new_id for new_id, message_id, c in inserted}
     dispatches, jobs = _dispatches(messages, channel_ids, outbox_ids, subscriber_counts)
     await _enqueue(jobs)
     return dispatches
