@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import cache
@@ -320,17 +320,23 @@ async def _split(batch: Batch, claimed: list[_Claimed], claimant: str) -> None:
 
 
 async def _load(
-    batch: Batch, subscriber_ids: list[int], principals: dict[int, Principal] | None
+    batch: Batch,
+    subscriber_ids: list[int],
+    principals: dict[int, Principal] | None,
+    loading: Awaitable[tuple[Message, Channel] | None] | None = None,
 ) -> tuple[Message, Channel, dict[int, Principal]]:
     """The batch's message (with its references), channel and subscribers.
 
     On PostgreSQL the message, its references and the channel are one
-    statement, and the subscribers came with the claim.
+    statement (``loading``, when it was started beside the claim), and the
+    subscribers came with the claim.
     """
     message: Message | None = None
     channel: Channel | None = None
     if db.is_postgres():
-        found = await delivery_pg.load(batch.message_id, batch.channel_id)
+        if loading is None:
+            loading = delivery_pg.load(batch.message_id, batch.channel_id)
+        found = await loading
         if found is not None:
             message, channel = found
     else:
@@ -399,8 +405,58 @@ async def _attach_thread(message: Message, batch: Batch, principals: dict[int, P
         principal.thread_delivery_ids = [d for _, d in sorted(found.get(subscriber_id, []))]  # type: ignore[attr-defined]
 
 
+class _Beside:
+    """Work a batch runs beside its critical path, on connections of its own.
+
+    The message and channel depend on the batch, not on what its claim
+    finds, so on PostgreSQL they are read while the claim runs; the
+    endpoints' breakers are settled while the outcomes are written. Each
+    costs a round trip a batch no longer waits for in turn (at 100 ms
+    endpoints a batch spends most of its time outside its requests).
+    """
+
+    def __init__(self, batch: Batch) -> None:
+        self.loading: asyncio.Future[tuple[Message, Channel] | None] | None = None
+        if db.is_postgres():
+            self.loading = asyncio.ensure_future(
+                delivery_pg.load(batch.message_id, batch.channel_id)
+            )
+        self.settling: list[asyncio.Future[None]] = []
+
+    def settle(self, gate: endpoints.Gate, admission: endpoints.Admission, sent: Any) -> None:
+        self.settling.append(asyncio.ensure_future(gate.settle(admission, sent)))
+
+    async def beside(self, work: Awaitable[None]) -> None:
+        """``work``, with the settling under way; a failed settle is logged, not raised:
+        the outcomes are written by then, and the breakers are a courtesy."""
+        done = await asyncio.gather(work, *self.settling, return_exceptions=True)
+        self.settling = []
+        if isinstance(done[0], BaseException):
+            raise done[0]
+        for failure in done[1:]:
+            if isinstance(failure, BaseException):
+                log.error("endpoint health not updated after a batch", exc_info=failure)
+
+    async def close(self) -> None:
+        """Leave nothing running on the loop when the batch ends, however it ends."""
+        if self.loading is not None:
+            if not self.loading.done():
+                self.loading.cancel()
+            await asyncio.gather(self.loading, return_exceptions=True)
+        if self.settling:
+            await asyncio.gather(*self.settling, return_exceptions=True)
+
+
 async def deliver(batch: Batch, claimant: str) -> BatchStats:
     """Attempt every claimable delivery of ``batch`` once; record and schedule."""
+    beside = _Beside(batch)
+    try:
+        return await _deliver(batch, claimant, beside)
+    finally:
+        await beside.close()
+
+
+async def _deliver(batch: Batch, claimant: str, beside: _Beside) -> BatchStats:
     settings = get_settings()
     stats = BatchStats()
     claimed, principals = await _claim(batch, claimant)
@@ -428,7 +484,9 @@ async def deliver(batch: Batch, claimant: str) -> BatchStats:
             permanent=True,
         )
     else:
-        resolved = await _attempt(batch, claimed, principals, transport_name, results, deferred)
+        resolved = await _attempt(
+            batch, claimed, principals, transport_name, results, deferred, beside
+        )
         if resolved:
             transport_name = resolved
     elapsed_ms = (time.perf_counter() - started) * 1000
@@ -522,15 +580,17 @@ async def deliver(batch: Batch, claimant: str) -> BatchStats:
             }
         )
         stats.outcomes.append(result)
-    await _record(
-        _Outcome(
-            transport_name or NO_TRANSPORT,
-            resolved,
-            started_at,
-            finished_at,
-            attempt_rows,
-            updates,
-            waits,
+    await beside.beside(
+        _record(
+            _Outcome(
+                transport_name or NO_TRANSPORT,
+                resolved,
+                started_at,
+                finished_at,
+                attempt_rows,
+                updates,
+                waits,
+            )
         )
     )
     _observe(batch, transport_name or NO_TRANSPORT, attempt_rows, updates, stats, elapsed_ms)
@@ -550,6 +610,7 @@ async def _attempt(
     transport_name: str | None,
     results: dict[int, TransportResult],
     deferred: dict[int, tuple[float, str]],
+    beside: _Beside,
 ) -> str | None:
     """Send what the endpoints admit; fill ``results`` and ``deferred`` by delivery id.
 
@@ -559,7 +620,7 @@ async def _attempt(
     recipients: list[Principal] = []
     try:
         message, channel, principals = await _load(
-            batch, [c.subscriber_id for c in claimed], loaded
+            batch, [c.subscriber_id for c in claimed], loaded, beside.loading
         )
         if transport_name == NO_TRANSPORT:
             # Routed while no transport was available; a replay resolves afresh.
@@ -613,7 +674,8 @@ async def _attempt(
                     sent += await _send_paced(transport, message, channel, follow, admission)
                     admission.allowed += follow
         finally:
-            await gate.settle(admission, sent)
+            # Settled while the outcomes are written (``_Beside``).
+            beside.settle(gate, admission, sent)
         by_subscriber = {r.subscriber_id: r for r in sent}
         for principal in admission.allowed:
             assert principal.delivery_id is not None

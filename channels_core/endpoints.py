@@ -107,6 +107,16 @@ def _good_key(url: str) -> str:
     return f"{KEY_PREFIX}ep:ok:{_digest(url)}"
 
 
+@lru_cache(maxsize=65536)
+def _endpoint_keys(url: str) -> tuple[bytes, bytes, bytes]:
+    """An endpoint's breaker, known-good and rate keys, as the scripts take them.
+
+    A batch passes three keys per endpoint to admit and two to settle; bytes
+    go to the wire as they are, where a str is encoded again each time.
+    """
+    return breaker_key(url).encode(), _good_key(url).encode(), _rate_key(url).encode()
+
+
 def _booking_key(delivery_id: int) -> str:
     return f"{KEY_PREFIX}booking:{delivery_id}"
 
@@ -128,8 +138,8 @@ def _host_flight_keys(host: str) -> tuple[str, str]:
 # KEYS: per endpoint its breaker, known-good marker and rate key; then per host
 #   its rate key, flight hash and lease zset.
 # ARGV: burst seconds, probe lease, lease id, lease ttl, booking horizon, number
-#   of endpoints, then per endpoint: n, rate, host index (from 0); then per
-#   host: rate, in-flight cap.
+#   of endpoints, then one string of per endpoint "n,rate,host index (from 0),";
+#   then per host: rate, in-flight cap.
 # Returns JSON: {now (microseconds), answers: {index: [allowed, wait_ms,
 #   spread_ms, reason, event, cold, endpoint slot base and step, host slot base
 #   and step (microseconds)]}} for every endpoint not simply admitted whole.
@@ -142,6 +152,8 @@ local lease_id = ARGV[3]
 local lease_ttl = tonumber(ARGV[4])
 local hold = tonumber(ARGV[5])
 local endpoints = tonumber(ARGV[6])
+local per = {}
+for x in string.gmatch(ARGV[7], '[^,]+') do per[#per + 1] = tonumber(x) end
 local out = {}
 local held = {}  -- host flight hash -> slots held, read once per call
 local taken = {}  -- host flight hash -> {lease zset, slots this call takes}
@@ -165,12 +177,11 @@ end
 
 for i = 0, endpoints - 1 do
   local bk, ok, rk = KEYS[i*3+1], KEYS[i*3+2], KEYS[i*3+3]
-  local a = 7 + i * 3
-  local n, ep_rate, h = tonumber(ARGV[a]), tonumber(ARGV[a+1]), tonumber(ARGV[a+2])
+  local n, ep_rate, h = per[i*3+1], per[i*3+2], per[i*3+3]
   local hb = endpoints * 3 + h * 3
   local hk, fk, zk = KEYS[hb + 1], KEYS[hb + 2], KEYS[hb + 3]
-  local host_rate = tonumber(ARGV[7 + endpoints*3 + h*2])
-  local cap = tonumber(ARGV[8 + endpoints*3 + h*2])
+  local host_rate = tonumber(ARGV[8 + h*2])
+  local cap = tonumber(ARGV[9 + h*2])
   local allow, wait, reason, event, cold = n, 0, '', '', 0
 
   local b = redis.call('HMGET', bk, 'state', 'until', 'failures')
@@ -259,7 +270,7 @@ return cjson.encode({now = math.floor(now * 1000000), answers = out})
 # KEYS: per endpoint breaker and known-good marker, then per host the flight
 #   hash and lease zset.
 # ARGV: threshold, cool-down, cool-down max, ttl, lease id, known-good ttl,
-#   number of endpoints, then per endpoint: successes, failures.
+#   number of endpoints, then one string of per endpoint "successes,failures,".
 # Returns JSON: {index: [event, failures, seconds failing]} for endpoints that
 #   changed state or are failing.
 _SETTLE = """
@@ -269,6 +280,8 @@ local threshold = tonumber(ARGV[1])
 local cool0, cool_max, ttl = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local lease_id, good_ttl = ARGV[5], tonumber(ARGV[6])
 local endpoints = tonumber(ARGV[7])
+local per = {}
+for x in string.gmatch(ARGV[8], '[^,]+') do per[#per + 1] = tonumber(x) end
 local out = {}
 local function fmt(x) return string.format('%.6f', x) end
 for i = endpoints * 2 + 1, #KEYS, 2 do
@@ -277,7 +290,7 @@ for i = endpoints * 2 + 1, #KEYS, 2 do
 end
 for i = 0, endpoints - 1 do
   local bk, ok = KEYS[i*2+1], KEYS[i*2+2]
-  local good, bad = tonumber(ARGV[8 + i*2]), tonumber(ARGV[9 + i*2])
+  local good, bad = per[i*2+1], per[i*2+2]
   local state = redis.call('HGET', bk, 'state') or 'closed'
   local event, failures, failing = '', 0, -1
   if good > 0 then
@@ -305,9 +318,14 @@ return cjson.encode(out)
 """
 
 
-async def _run(redis: Any, script: str, keys: list[str], args: list[Any]) -> Any:
+@lru_cache(maxsize=8)
+def _sha(script: str) -> str:
+    return hashlib.sha1(script.encode(), usedforsecurity=False).hexdigest()
+
+
+async def _run(redis: Any, script: str, keys: list[str | bytes], args: list[Any]) -> Any:
     """Run a script by its SHA (the text travels once per server, not per batch)."""
-    sha = hashlib.sha1(script.encode(), usedforsecurity=False).hexdigest()
+    sha = _sha(script)
     try:
         return await redis.evalsha(sha, len(keys), *keys, *args)
     except NoScriptError:
@@ -512,7 +530,7 @@ class Gate:
         admission: Admission,
     ) -> str:
         settings = get_settings()
-        keys: list[str] = []
+        keys: list[str | bytes] = []
         args: list[Any] = [
             settings.rate_limit_burst,
             settings.http_deadline + 5,
@@ -520,14 +538,16 @@ class Gate:
             settings.claim_lease + _LEASE_MARGIN,
             settings.rate_limit_book_ahead,
         ]
-        args.append(len(urls))
         hosts: dict[str, int] = {}
+        per: list[str] = []
+        default_rate = repr(settings.endpoint_rate_limit)
         for url in urls:
             host = hosts.setdefault(admission.hosts[url], len(hosts))
-            keys += [breaker_key(url), _good_key(url), _rate_key(url)]
+            keys += _endpoint_keys(url)
             own = config.endpoints.get(url, (None, None))[1]
-            rate = own if own is not None else settings.endpoint_rate_limit
-            args += [len(groups[url]), rate, host]
+            rate = repr(own) if own is not None else default_rate
+            per.append(f"{len(groups[url])},{rate},{host},")
+        args += [len(urls), "".join(per)]
         for host_name in hosts:  # in index order
             keys += [_host_rate_key(host_name), *_host_flight_keys(host_name)]
             args += [config.hosts.get(host_name, 0), settings.host_max_in_flight]
@@ -554,7 +574,7 @@ class Gate:
         urls = list(tally)
         answers: dict[str, list[Any]] = {}
         if redis is not None:
-            keys: list[str] = []
+            keys: list[str | bytes] = []
             args: list[Any] = [
                 settings.breaker_threshold,
                 settings.breaker_cooldown,
@@ -563,9 +583,9 @@ class Gate:
                 admission.lease,
             ]
             args += [_GOOD_TTL, len(urls)]
+            args.append("".join([f"{tally[url][0]},{tally[url][1]}," for url in urls]))
             for url in urls:
-                keys += [breaker_key(url), _good_key(url)]
-                args += tally[url]
+                keys += _endpoint_keys(url)[:2]
             for host in sorted(set(admission.hosts.values())):
                 keys += _host_flight_keys(host)
             try:

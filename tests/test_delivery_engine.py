@@ -666,6 +666,40 @@ async def test_a_transport_that_raises_costs_a_retry_not_the_batch(
     assert [a.attempt for a in await attempt_rows(*ids)] == [1, 1]
 
 
+async def test_a_breaker_settle_that_fails_costs_no_retry_and_leaves_nothing_running(
+    dispatcher: MemoryDispatcher, memory: MemoryEgress, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The breakers are settled while the outcomes are written: a failure
+    # there comes after the requests went through and must not undo them.
+    async def broken(*_: Any) -> None:
+        raise RuntimeError("health store down")
+
+    monkeypatch.setattr(endpoints.Gate, "settle", broken)
+    message, _, ids, [batch] = await routed(dispatcher, 2)
+
+    stats = await delivery.deliver(batch, claimant="t1")
+
+    assert (stats.delivered, stats.retrying) == (2, 0)
+    rows = await delivery_rows(message.id)  # type: ignore[arg-type]
+    assert {(r.status, r.claimed_by) for r in rows} == {(DeliveryStatus.DELIVERED, None)}
+    assert [a.attempt for a in await attempt_rows(*ids)] == [1, 1]
+    assert asyncio.all_tasks() == {asyncio.current_task()}
+
+
+async def test_a_batch_with_nothing_to_claim_leaves_nothing_running(
+    dispatcher: MemoryDispatcher, memory: MemoryEgress
+) -> None:
+    # On PostgreSQL the message is read beside the claim; a batch that finds
+    # everything final must not leave that read behind on the loop.
+    message, _, ids, [batch] = await routed(dispatcher, 2)
+    await delivery.deliver(batch, claimant="t1")
+
+    again = await delivery.deliver(batch, claimant="t2")
+
+    assert (again.claimed, again.skipped) == (0, 2) and len(memory.sent) == 2
+    assert asyncio.all_tasks() == {asyncio.current_task()}
+
+
 async def test_a_manual_retry_does_not_break_the_claim_of_a_running_batch(
     dispatcher: MemoryDispatcher, memory: MemoryEgress
 ) -> None:
