@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from _support import unchanged
 from sqlalchemy import insert, select, update
 
 from channels_cli.devservers import WebhookReceiver
@@ -313,6 +314,18 @@ async def test_routing_the_same_job_twice_creates_and_enqueues_nothing_twice(
     assert rerun.skipped is False and rerun.batches == 0
     assert [d.id for d in await delivery_rows(message.id)] == ids  # type: ignore[arg-type]
     assert dispatcher.batches == enqueued
+
+
+async def test_warm_up_runs_the_hot_statements_and_changes_nothing(
+    dispatcher: MemoryDispatcher, memory: MemoryEgress
+) -> None:
+    """A worker process runs each statement of the hot path once at start,
+    matching no row: whatever is routed, owed or delivered stays as it was."""
+    if not db.is_postgres():
+        pytest.skip("the statements warmed are PostgreSQL's")
+    await routed(dispatcher, 3)
+    async with unchanged():
+        await delivery.warm_up()
 
 
 async def test_route_pages_through_more_subscribers_than_a_page(

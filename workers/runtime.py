@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, TypeVar
 
-from channels_core import db, shared_redis
+from channels_core import db, delivery, shared_redis
 from channels_core.transports.registry import egress_registry
 
 __all__ = ["acting_as", "acting_task", "run", "shutdown", "warm_up"]
@@ -68,18 +68,21 @@ async def _warm() -> None:
 
     http = egress_registry.get("http")
     if isinstance(http, HttpEgress):
-        http._session()  # aiohttp, its TLS context and the connector
+        http._client()  # its TLS context and connection pool
     async with db.session() as s:
         await s.execute(text("SELECT 1"))
+    await delivery.warm_up()
 
 
 def warm_up() -> None:
     """Pay a pool process's one-off costs before its first batch, not during it.
 
-    Importing aiohttp and building its TLS context, the database engine and
-    its first connection took ~15% of a short run's worker time, all inside
-    the first batch each process ran. A failure here (the database not up
-    yet) is left for the first task to meet and report.
+    Building the HTTP client's TLS context, the database engine and its
+    first connection took ~15% of a short run's worker time, all inside the
+    first batch each process ran; building and compiling the hot path's
+    statements (``delivery.warm_up``) held up each process's first message
+    by tens of milliseconds. A failure here (the database not up yet) is
+    left for the first task to meet and report.
     """
     try:
         # Celery gives a new pool process 4 s to report in (worker_proc_alive_timeout).
