@@ -93,6 +93,10 @@ class Settings(BaseSettings):
     sweep_limit: int = 5000
     sweep_interval: float = 5.0
     visibility_timeout: int = 3600
+    # Tasks a worker reserves per pool process, the running one included: at
+    # 2 the next batch is at hand when one ends, instead of a broker round
+    # trip later (S1 +20-40%, S2 +0-15% in back-to-back runs).
+    worker_prefetch: int = Field(default=2, ge=1)
     thread_depth_limit: int = 1000
 
     flower_basic_auth: str | None = None

@@ -4,7 +4,10 @@ Settings that make delivery safe, each on purpose:
 - JSON only (no pickle): task arguments are ids, never objects.
 - ``acks_late`` + ``reject_on_worker_lost``: a task whose worker dies is
   redelivered, not lost; the engine's claims make the second run harmless.
-- prefetch 1: a worker holds one batch it is not running, not hundreds.
+- prefetch 2 (``CHANNELS_WORKER_PREFETCH``): a pool process has its next
+  batch at hand when one ends, and a worker holds at most one batch per
+  process it is not running, not hundreds. One it never starts (the worker
+  is killed) is enqueued again by the sweeper after ``queue_lease``.
 - cancel long-running tasks on connection loss: with the connection gone
   their acks would be lost and the broker would redeliver them anyway.
 - task events on, so Flower shows every task by its readable name.
@@ -82,7 +85,7 @@ def make_app() -> Celery:
         task_ignore_result=True,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
+        worker_prefetch_multiplier=settings.worker_prefetch,
         worker_cancel_long_running_tasks_on_connection_loss=True,
         worker_send_task_events=True,
         task_send_sent_event=True,
