@@ -316,6 +316,30 @@ async def test_routing_the_same_job_twice_creates_and_enqueues_nothing_twice(
     assert dispatcher.batches == enqueued
 
 
+async def test_routing_again_re_enqueues_pending_rows_beside_new_ones(
+    dispatcher: MemoryDispatcher, memory: MemoryEgress
+) -> None:
+    """A routing task that died after its rows were committed, but before they
+    were delivered, runs again: each pending row is enqueued again, with one
+    for a subscriber who joined meanwhile, and no row is made twice."""
+    message, channel, ids, _ = await routed(dispatcher, 3)
+    job = dispatcher.jobs[-1]
+    async with db.session() as s, s.begin():
+        await s.execute(
+            update(OutboxRow).where(OutboxRow.id == job.outbox_id).values(routed_at=None)
+        )
+    [joined] = await add_subscribers(channel, 1)
+    before = len(dispatcher.batches)
+
+    rerun = await delivery.route(job)
+
+    rows = await delivery_rows(message.id)  # type: ignore[arg-type]
+    assert len(rows) == 4 and [r.id for r in rows][:3] == ids
+    assert rows[-1].subscriber_id == joined
+    enqueued = [i for b, _ in dispatcher.batches[before:] for i in b.delivery_ids]
+    assert sorted(enqueued) == [r.id for r in rows] and rerun.deliveries == 4
+
+
 async def test_warm_up_runs_the_hot_statements_and_changes_nothing(
     dispatcher: MemoryDispatcher, memory: MemoryEgress
 ) -> None:
