@@ -88,12 +88,19 @@ _BOOKING_GRACE = 120
 _LEASE_MARGIN = 30.0
 
 
-@lru_cache(maxsize=65536)
+# The URL caches below hold a few batches' endpoints: a batch names each one
+# in admit and again in settle. At 65,536 URLs each they held some 35 MB per
+# pool process on a 100,000-subscriber fan-out whose URLs never come back
+# (S3 peak RSS 1.13x -> 1.24x of a 10k fan-out's).
+_URLS_CACHED = 4096
+
+
+@lru_cache(maxsize=_URLS_CACHED)
 def host_of(url: str) -> str:
     return (urlsplit(url).hostname or "").lower()
 
 
-@lru_cache(maxsize=65536)
+@lru_cache(maxsize=_URLS_CACHED)
 def _digest(text: str) -> str:
     # A batch names each endpoint's keys in admit and again in settle.
     return hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()[:20]
@@ -107,7 +114,7 @@ def _good_key(url: str) -> str:
     return f"{KEY_PREFIX}ep:ok:{_digest(url)}"
 
 
-@lru_cache(maxsize=65536)
+@lru_cache(maxsize=_URLS_CACHED)
 def _endpoint_keys(url: str) -> tuple[bytes, bytes, bytes]:
     """An endpoint's breaker, known-good and rate keys, as the scripts take them.
 
