@@ -240,6 +240,18 @@ class Machine:
             out["transactions"] = int(row[0]) if row else 0
         return out
 
+    def settle(self) -> None:
+        """VACUUM and ANALYZE the bench database before a system takes its turn.
+
+        A scenario leaves dead row versions and stale statistics behind (S3
+        writes 100,000 deliveries three times over); autovacuum cleans them up
+        a minute later, on the same two cores, during whichever system runs
+        then. In one ``make bench`` S4's p50 went from 23 to 45 ms that way.
+        pgbench vacuums before each run for the same reason.
+        """
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            conn.execute("VACUUM (ANALYZE)")
+
     def server_versions(self) -> dict[str, str]:
         found: dict[str, str] = {}
         with psycopg.connect(self.admin_dsn, autocommit=True) as conn:

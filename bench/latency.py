@@ -144,6 +144,7 @@ def latency(
         for _ in range(runs):
             ours.append(asyncio.run(_channels_once(machine, port, rate, seconds, subscribers)))
     naive: list[list[float]] = []
+    machine.settle()
     with naive_worker(machine, "S4", concurrency):
         for _ in range(runs):
             naive.append(_naive_once(machine, port, rate, seconds, subscribers))

@@ -86,6 +86,7 @@ def _scenarios(
     slow = machine.sink(delay=0.1) if {"S2", "S7"} & set(only) else 0
 
     def step(name: str) -> None:
+        machine.settle()
         print(f"[{time.strftime('%H:%M:%S')}] {name}", flush=True)
 
     if "S1" in only:
