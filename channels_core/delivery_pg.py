@@ -110,9 +110,9 @@ def _route_page_statement(size: int, columns: tuple[str, ...]) -> Executable:
     )
     # Rows an earlier run of this routing made. The statement's snapshot does
     # not hold the rows "fresh" inserts, so the two never overlap.
-    # The page's subscribers as one array, so the lookup is a scan of the
-    # unique index; as an IN (subquery) the planner chose to read every
-    # pending delivery of the table (a second per page of 5,000).
+    # The page's subscribers as one array: as an IN (subquery) the planner
+    # chose to read every pending delivery of the table (a second per page
+    # of 5,000). It may still take the channel's index, hence the gate below.
     # (Cast, so ANY reads it as one array, not as a subquery of arrays.)
     page_subscribers = sql_cast(
         select(func.array_agg(page.c.subscriber_id)).where(page.c.active).scalar_subquery(),

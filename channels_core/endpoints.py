@@ -102,7 +102,6 @@ def host_of(url: str) -> str:
 
 @lru_cache(maxsize=_URLS_CACHED)
 def _digest(text: str) -> str:
-    # A batch names each endpoint's keys in admit and again in settle.
     return hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()[:20]
 
 
