@@ -54,6 +54,11 @@ __all__ = ["route", "deliver", "sweep", "warm_up", "RouteStats", "BatchStats", "
 log = logging.getLogger("channels.delivery")
 
 _NOT_FINAL = (DeliveryStatus.PENDING, DeliveryStatus.RETRYING)
+# A batch crowded out of a host's in-flight cap asks again after 10 ms,
+# doubling up to 100 ms: room comes back when another batch settles, which
+# is a request's time away, and each ask is one Redis script.
+_ROOM_POLL = 0.01
+_ROOM_POLL_MAX = 0.1
 # The transport recorded for deliveries routed when none was available.
 NO_TRANSPORT = "none"
 
@@ -665,50 +670,58 @@ async def _attempt(
         gate = endpoints.gate()
         # Duck-typed transports without ``endpoint`` dial nothing we guard.
         endpoint_of = getattr(transport, "endpoint", None) or (lambda _principal: None)
-        admission = await gate.admit(endpoint_of, recipients)
-        for principal in recipients:
-            assert principal.delivery_id is not None and principal.id is not None
-            if principal.id in admission.disabled:
-                results[principal.delivery_id] = TransportResult.failed(
-                    principal.id, admission.disabled[principal.id], permanent=True
-                )
-            elif principal.id in admission.deferred:
-                deferred[principal.delivery_id] = admission.deferred[principal.id]
-        sent: list[TransportResult] = []
+        at_once = transport.at_once() if hasattr(transport, "at_once") else 0
+        rounds: list[asyncio.Future[tuple[endpoints.Admission, list[TransportResult]]]] = []
         try:
-            if admission.allowed:
-                sent = await _send_paced(transport, message, channel, admission.allowed, admission)
-            if admission.held:
-                # The rest of a cold endpoint's share follows its canary only
-                # if the canary reached it; otherwise they wait, untried.
-                reachable = {
-                    admission.by_subscriber.get(r.subscriber_id or 0)
-                    for r in sent
-                    if endpoints.reached(r)
-                }
-                follow: list[Principal] = []
-                for principal in admission.held:
-                    assert principal.id is not None and principal.delivery_id is not None
-                    url = admission.by_subscriber[principal.id]
-                    if url in reachable:
-                        follow.append(principal)
-                    else:
-                        deferred[principal.delivery_id] = (1.0, f"waiting while {url} is tested")
-                if follow:
-                    sent += await _send_paced(transport, message, channel, follow, admission)
-                    admission.allowed += follow
+            waiting = recipients
+            give_up = time.monotonic() + get_settings().in_flight_hold
+            pause = _ROOM_POLL
+            while waiting:
+                admission = await gate.admit(endpoint_of, waiting, at_once)
+                crowded: list[Principal] = []
+                for principal in waiting:
+                    assert principal.delivery_id is not None and principal.id is not None
+                    if principal.id in admission.disabled:
+                        results[principal.delivery_id] = TransportResult.failed(
+                            principal.id, admission.disabled[principal.id], permanent=True
+                        )
+                    elif principal.id in admission.crowded and time.monotonic() + pause < give_up:
+                        crowded.append(principal)
+                    elif principal.id in admission.deferred:
+                        deferred[principal.delivery_id] = admission.deferred[principal.id]
+                if admission.allowed or admission.held:
+                    # Sent while the crowded rest waits for room: each round
+                    # settles (frees its room) as soon as it is done.
+                    rounds.append(
+                        asyncio.ensure_future(
+                            _send_admitted(
+                                transport, message, channel, admission, deferred, gate, beside
+                            )
+                        )
+                    )
+                waiting = crowded
+                if waiting:
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, _ROOM_POLL_MAX)
         finally:
-            # Settled while the outcomes are written (``_Beside``).
-            beside.settle(gate, admission, sent)
-        by_subscriber = {r.subscriber_id: r for r in sent}
-        for principal in admission.allowed:
-            assert principal.delivery_id is not None
-            results[principal.delivery_id] = by_subscriber.get(
-                principal.id
-            ) or TransportResult.failed(
-                principal.id,
-                f"transport {transport_name!r} returned no result for this subscriber",
-            )
+            done = await asyncio.gather(*rounds, return_exceptions=True)
+        failure: BaseException | None = None
+        for outcome in done:
+            if isinstance(outcome, BaseException):
+                failure = failure or outcome
+                continue
+            admission, sent = outcome
+            by_subscriber = {r.subscriber_id: r for r in sent}
+            for principal in admission.allowed:
+                assert principal.delivery_id is not None
+                results[principal.delivery_id] = by_subscriber.get(
+                    principal.id
+                ) or TransportResult.failed(
+                    principal.id,
+                    f"transport {transport_name!r} returned no result for this subscriber",
+                )
+        if failure is not None:  # what other rounds sent stays recorded as sent
+            raise failure
     except (NotFoundError, ValidationError, ConfigurationError, ValueError, ImportError) as exc:
         for c in claimed:
             if c.id not in deferred:
@@ -728,6 +741,45 @@ async def _attempt(
                     c.id, TransportResult.failed(c.subscriber_id, f"{type(exc).__name__}: {exc}")
                 )
     return resolved
+
+
+async def _send_admitted(
+    transport: Any,
+    message: Message,
+    channel: Channel,
+    admission: endpoints.Admission,
+    deferred: dict[int, tuple[float, str]],
+    gate: endpoints.Gate,
+    beside: _Beside,
+) -> tuple[endpoints.Admission, list[TransportResult]]:
+    """Send one admission's share; ``admission.allowed`` ends as what was sent."""
+    sent: list[TransportResult] = []
+    try:
+        if admission.allowed:
+            sent = await _send_paced(transport, message, channel, admission.allowed, admission)
+        if admission.held:
+            # The rest of a cold endpoint's share follows its canary only
+            # if the canary reached it; otherwise they wait, untried.
+            reachable = {
+                admission.by_subscriber.get(r.subscriber_id or 0)
+                for r in sent
+                if endpoints.reached(r)
+            }
+            follow: list[Principal] = []
+            for principal in admission.held:
+                assert principal.id is not None and principal.delivery_id is not None
+                url = admission.by_subscriber[principal.id]
+                if url in reachable:
+                    follow.append(principal)
+                else:
+                    deferred[principal.delivery_id] = (1.0, f"waiting while {url} is tested")
+            if follow:
+                sent += await _send_paced(transport, message, channel, follow, admission)
+                admission.allowed += follow
+    finally:
+        # Settled while the outcomes are written (``_Beside``).
+        beside.settle(gate, admission, sent)
+    return admission, sent
 
 
 async def _send_paced(

@@ -16,7 +16,8 @@ one probe per cool-down, not one timeout per delivery:
   agree.
 - **in-flight cap**: at most ``host_max_in_flight`` requests admitted to one
   host at once across all workers, held as leases that expire if a worker
-  dies holding them.
+  dies holding them. A caller is charged what it has open at once, not what
+  it is admitted; one that finds no room may ask again (``Admission.crowded``).
 
 What does not get through *waits*: the delivery's ``next_attempt_at`` moves
 and no attempt is spent (``Admission.deferred``). An endpoint that answers
@@ -145,6 +146,7 @@ def _host_flight_keys(host: str) -> tuple[str, str]:
 #   its rate key, flight hash and lease zset.
 # ARGV: burst seconds, probe lease, lease id, lease ttl, booking horizon, number
 #   of endpoints, then one string of per endpoint "n,rate,host index (from 0),";
+#   the most requests the caller has open at once (0: all it is admitted);
 #   then per host: rate, in-flight cap.
 # Returns JSON: {now (microseconds), answers: {index: [allowed, wait_ms,
 #   spread_ms, reason, event, cold, endpoint slot base and step, host slot base
@@ -160,6 +162,7 @@ local hold = tonumber(ARGV[5])
 local endpoints = tonumber(ARGV[6])
 local per = {}
 for x in string.gmatch(ARGV[7], '[^,]+') do per[#per + 1] = tonumber(x) end
+local at_once = tonumber(ARGV[8])
 local out = {}
 local held = {}  -- host flight hash -> slots held, read once per call
 local taken = {}  -- host flight hash -> {lease zset, slots this call takes}
@@ -186,8 +189,8 @@ for i = 0, endpoints - 1 do
   local n, ep_rate, h = per[i*3+1], per[i*3+2], per[i*3+3]
   local hb = endpoints * 3 + h * 3
   local hk, fk, zk = KEYS[hb + 1], KEYS[hb + 2], KEYS[hb + 3]
-  local host_rate = tonumber(ARGV[8 + h*2])
-  local cap = tonumber(ARGV[9 + h*2])
+  local host_rate = tonumber(ARGV[9 + h*2])
+  local cap = tonumber(ARGV[10 + h*2])
   local allow, wait, reason, event, cold = n, 0, '', '', 0
 
   local b = redis.call('HMGET', bk, 'state', 'until', 'failures')
@@ -227,13 +230,16 @@ for i = 0, endpoints - 1 do
       for _, v in ipairs(redis.call('HVALS', fk)) do sum = sum + tonumber(v) end
       held[fk] = sum
     end
+    if taken[fk] == nil then taken[fk] = {zk, 0} end
+    -- A caller with at most at_once requests open is charged at most that
+    -- per host, however many it is admitted: the rest queue behind them in
+    -- the caller, not at the host.
+    local charge = k
+    if at_once > 0 then charge = math.max(0, math.min(k, at_once - taken[fk][2])) end
     local room = math.max(0, cap - held[fk])
-    if room < k then k = room; reason = 'in_flight' end
-    if k > 0 then
-      held[fk] = held[fk] + k
-      if taken[fk] == nil then taken[fk] = {zk, 0} end
-      taken[fk][2] = taken[fk][2] + k
-    end
+    if room < charge then k = room; charge = room; reason = 'in_flight' end
+    held[fk] = held[fk] + charge
+    taken[fk][2] = taken[fk][2] + charge
   end
 
   local spread = 0
@@ -265,10 +271,12 @@ for i = 0, endpoints - 1 do
 end
 -- One lease per host per call, however many endpoints share the host.
 for fk, z in pairs(taken) do
-  redis.call('HINCRBY', fk, lease_id, z[2])
-  redis.call('ZADD', z[1], fmt(now + lease_ttl), lease_id)
-  redis.call('EXPIRE', fk, math.ceil(lease_ttl) + 1)
-  redis.call('EXPIRE', z[1], math.ceil(lease_ttl) + 1)
+  if z[2] > 0 then
+    redis.call('HINCRBY', fk, lease_id, z[2])
+    redis.call('ZADD', z[1], fmt(now + lease_ttl), lease_id)
+    redis.call('EXPIRE', fk, math.ceil(lease_ttl) + 1)
+    redis.call('EXPIRE', z[1], math.ceil(lease_ttl) + 1)
+  end
 end
 return cjson.encode({now = math.floor(now * 1000000), answers = out})
 """
@@ -355,6 +363,10 @@ class Admission:
     held: list[Principal] = field(default_factory=list)
     # subscriber id -> seconds after admission its booked rate-limit slot comes
     send_at: dict[int, float] = field(default_factory=dict)
+    # Deferred only for want of room under a host's in-flight cap: room that
+    # another batch's settle frees within a request's time, so the worker may
+    # ask again instead of sending these back to the queue.
+    crowded: set[int] = field(default_factory=set)
     admitted_at: float = field(default_factory=time.monotonic)
     lease: str = ""
     hosts: dict[str, str] = field(default_factory=dict)  # endpoint -> host, as admitted
@@ -408,8 +420,14 @@ class Gate:
         self._config = _Config(time.monotonic(), endpoints, hosts)  # type: ignore[arg-type]
         return self._config
 
-    async def admit(self, endpoint_of: Any, recipients: Sequence[Principal]) -> Admission:
-        """Split ``recipients`` into those sent now, those that wait, and the disabled."""
+    async def admit(
+        self, endpoint_of: Any, recipients: Sequence[Principal], at_once: int = 0
+    ) -> Admission:
+        """Split ``recipients`` into those sent now, those that wait, and the disabled.
+
+        ``at_once`` is the most requests the caller opens at once (0: one per
+        recipient); a host's in-flight cap charges the caller no more.
+        """
         settings = get_settings()
         admission = Admission(lease=uuid.uuid4().hex)
         dialled: list[tuple[Principal, str]] = []
@@ -444,7 +462,9 @@ class Gate:
             if any(self._limited(config, url) for url in groups):
                 await self._honour_bookings(redis, groups, admission)
             urls = [url for url, members in groups.items() if members]
-            answers = await self._admit(redis, config, urls, groups, admission) if urls else ""
+            answers = (
+                await self._admit(redis, config, urls, groups, admission, at_once) if urls else ""
+            )
         except (RedisError, OSError) as exc:
             # Health is a courtesy to endpoints; it must never stall delivery.
             log.warning("endpoint health unavailable, sending unchecked: %s", exc)
@@ -480,6 +500,8 @@ class Gate:
                 assert principal.id is not None
                 wait = int(wait_ms) / 1000 + j * int(spread_ms) / 1000
                 admission.deferred[principal.id] = (max(wait, 0.01), _why(reason, url))
+                if reason == "in_flight":
+                    admission.crowded.add(principal.id)
             if event:
                 await _record(url, event, "cool-down over: one probe goes through")
         if bookings:
@@ -534,6 +556,7 @@ class Gate:
         urls: list[str],
         groups: dict[str, list[Principal]],
         admission: Admission,
+        at_once: int,
     ) -> str:
         settings = get_settings()
         keys: list[str | bytes] = []
@@ -553,7 +576,7 @@ class Gate:
             own = config.endpoints.get(url, (None, None))[1]
             rate = repr(own) if own is not None else default_rate
             per.append(f"{len(groups[url])},{rate},{host},")
-        args += [len(urls), "".join(per)]
+        args += [len(urls), "".join(per), at_once]
         for host_name in hosts:  # in index order
             keys += [_host_rate_key(host_name), *_host_flight_keys(host_name)]
             args += [config.hosts.get(host_name, 0), settings.host_max_in_flight]

@@ -1063,3 +1063,86 @@ async def test_a_batch_that_killed_its_worker_is_split_and_the_poison_ends_dead(
     [attempt] = await attempt_rows(poison)
     assert attempt.status == AttemptStatus.PERMANENT
     assert {by_id[i].status for i in healthy} == {DeliveryStatus.DELIVERED}
+
+
+@contextlib.asynccontextmanager
+async def _host_filled_by_another_batch(
+    dispatcher: MemoryDispatcher, receiver: WebhookReceiver, subscribers: int
+) -> Any:
+    """A batch routed to ``subscribers`` endpoints on the receiver's host, with
+    the host's in-flight cap (5) taken by another worker's batch.
+
+    Yields (message, delivery ids, batch, batches enqueued before, the other
+    batch's gate and admission). Leases other tests left on this host
+    (admitted, never settled) are cleared first, so they do not count here.
+    """
+    url = receiver.url(f"/crowded-{next(_serial)}-{uuid.uuid4().hex[:6]}")
+    client = shared_redis.client()
+    assert client is not None
+    keys = endpoints._host_flight_keys(endpoints.host_of(url))
+    await client.delete(*keys)
+    try:
+        message, _, ids, [batch] = await routed(
+            dispatcher, subscribers, transport="http", aliases={"endpoint": url}
+        )
+        before = len(dispatcher.batches)
+        gate = endpoints.Gate()
+        others = []
+        for i in range(5):
+            other = Principal("bot").set_alias("endpoint", f"{url}-other-{i}")
+            other.id = 10**9 + next(_serial)
+            others.append(other)
+        other = await gate.admit(lambda p: p.get_alias("endpoint"), others)
+        assert len(other.allowed) + len(other.held) == 5  # the host is full
+        yield message, ids, batch, before, gate, other
+    finally:
+        await client.delete(*keys)
+
+
+async def test_a_batch_crowded_out_of_the_host_cap_waits_for_room_and_sends_it_all(
+    dispatcher: MemoryDispatcher,
+    real_http: HttpEgress,
+    receiver: WebhookReceiver,
+    tune: Callable[..., Settings],
+    broker_url: str,
+) -> None:
+    tune(broker_url=broker_url, host_max_in_flight=5, in_flight_hold=5.0)
+    async with _host_filled_by_another_batch(dispatcher, receiver, 8) as setup:
+        message, ids, batch, before, gate, other = setup
+        running = asyncio.ensure_future(delivery.deliver(batch, claimant="t1"))
+        await asyncio.sleep(0.3)
+        assert not running.done() and receiver.count() == 0
+        await gate.settle(other, [])  # the other batch ends: room for 5 of the 8
+        stats = await asyncio.wait_for(running, 10)
+
+    # All of it went out in this run, 5 and then 3, without going back to the queue.
+    assert (stats.delivered, stats.deferred) == (8, 0), stats
+    assert receiver.count() == 8
+    assert dispatcher.batches[before:] == []
+    assert [a.attempt for a in await attempt_rows(*ids)] == [1] * 8
+    rows = await delivery_rows(message.id)  # type: ignore[arg-type]
+    assert {(r.status, r.attempts) for r in rows} == {(DeliveryStatus.DELIVERED, 1)}
+
+
+async def test_a_batch_still_crowded_after_the_hold_goes_back_to_the_queue_untried(
+    dispatcher: MemoryDispatcher,
+    real_http: HttpEgress,
+    receiver: WebhookReceiver,
+    tune: Callable[..., Settings],
+    broker_url: str,
+) -> None:
+    tune(broker_url=broker_url, host_max_in_flight=5, in_flight_hold=0.3)
+    async with _host_filled_by_another_batch(dispatcher, receiver, 3) as setup:
+        message, ids, batch, before, gate, other = setup
+        started = asyncio.get_running_loop().time()
+        stats = await delivery.deliver(batch, claimant="t1")
+        waited = asyncio.get_running_loop().time() - started
+        await gate.settle(other, [])
+
+    assert (stats.deferred, stats.delivered, stats.retrying) == (3, 0, 0), stats
+    assert 0.2 <= waited < 2, waited
+    assert receiver.count() == 0 and await attempt_rows(*ids) == []
+    for row in await delivery_rows(message.id):  # type: ignore[arg-type]
+        assert (row.status, row.attempts, row.claimed_by) == ("pending", 0, None)
+    [(again, countdown)] = dispatcher.batches[before:]
+    assert sorted(again.delivery_ids) == sorted(ids) and 0 < countdown <= 1

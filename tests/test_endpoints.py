@@ -252,6 +252,29 @@ async def test_in_flight_cap_is_shared_and_released(
     assert len(again.allowed) == 2
 
 
+async def test_a_caller_is_charged_what_it_has_open_at_once_not_what_it_is_admitted(
+    gate: Gate, tune: Callable[..., Settings]
+) -> None:
+    tune(host_max_in_flight=10)
+    host = f"c{uuid.uuid4().hex[:8]}.localhost"
+    a, b = f"http://{host}/a", f"http://{host}/b"
+    for url in (a, b):
+        await known_good(gate, url)
+    # 30 recipients on two endpoints of one host, sent 4 at a time: 4 of the 10.
+    wide = await gate.admit(endpoint_of, people(a, 15) + people(b, 15), at_once=4)
+    assert len(wide.allowed) == 30 and wide.deferred == {}
+    # Another worker sending one request per recipient gets the other 6.
+    other = await Gate().admit(endpoint_of, people(a, 8))
+    assert len(other.allowed) == 6 and len(other.crowded) == 2
+    assert other.crowded == set(other.deferred)
+    # The host is full: even a caller sending one at a time waits.
+    full = await Gate().admit(endpoint_of, people(b, 3), at_once=1)
+    assert full.allowed == [] and len(full.crowded) == 3
+    await settle(gate, wide, "ok")
+    again = await Gate().admit(endpoint_of, people(b, 3), at_once=1)
+    assert len(again.allowed) == 3
+
+
 # -- the switch ------------------------------------------------------------------------------
 
 

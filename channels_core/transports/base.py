@@ -145,6 +145,14 @@ class EgressTransport:
         """
         return None
 
+    def at_once(self) -> int:
+        """The most requests one ``send`` has open at once; 0 if one per subscriber.
+
+        A host's in-flight cap (``channels_core.endpoints``) charges a batch
+        this many, not its size: the rest wait in the worker, not at the host.
+        """
+        return 0
+
     async def aclose(self) -> None:
         """Release connections held across sends (a worker calls it on exit)."""
 

@@ -150,6 +150,9 @@ class HttpEgress(EgressTransport):
         url = subscriber.get_alias("endpoint")
         return url.strip() if isinstance(url, str) and url.strip() else None
 
+    def at_once(self) -> int:
+        return max(1, get_settings().max_in_flight)  # the runners of ``send``
+
     def _client(self) -> HttpClient:
         loop = asyncio.get_running_loop()
         client = self._clients.get(loop)
