@@ -204,7 +204,7 @@ async def warm_up() -> None:
     await _page_postgres(_delivery_values(0, 0, NO_TRANSPORT, None), 0, settings.route_page_size)
     await delivery_pg.claim([], "warm-up", now, settings.claim_lease)
     await delivery_pg.load(0, 0)
-    await delivery_pg.record([], [], NO_TRANSPORT, None, now, now)
+    await delivery_pg.record([], [], NO_TRANSPORT, None, now, now, "warm-up")
     await _mark_routed(0, None, None)
 
 
@@ -619,6 +619,7 @@ async def _deliver(batch: Batch, claimant: str, beside: _Beside) -> BatchStats:
                 attempt_rows,
                 updates,
                 waits,
+                claimant,
             )
         )
     )
@@ -889,6 +890,10 @@ class _Outcome:
     attempts: list[dict[str, Any]]
     states: list[dict[str, Any]]
     waits: list[dict[str, Any]]
+    # States are written only where this claimant still holds the claim: a
+    # batch that outlived its lease must not overwrite what the worker that
+    # took its deliveries over wrote (its attempt rows are kept either way).
+    claimant: str
 
 
 async def _record(outcome: _Outcome) -> None:
@@ -900,9 +905,9 @@ async def _record(outcome: _Outcome) -> None:
                     db.insert(s, AttemptRow).on_conflict_do_nothing().returning(AttemptRow.id),
                     outcome.attempts,
                 )
-            await _write_states(s, outcome.states)
+            await _write_states(s, outcome.states, outcome.claimant)
             if outcome.waits:
-                await s.execute(update(DeliveryRow), outcome.waits)
+                await s.execute(_held_by(outcome.claimant), outcome.waits)
         return
     if outcome.states:
         await delivery_pg.record(
@@ -912,13 +917,23 @@ async def _record(outcome: _Outcome) -> None:
             outcome.resolved,
             outcome.started_at,
             outcome.finished_at,
+            outcome.claimant,
         )
     if outcome.waits:
         async with db.session() as s, s.begin():
-            await s.execute(update(DeliveryRow), outcome.waits)
+            await s.execute(_held_by(outcome.claimant), outcome.waits)
 
 
-async def _write_states(s: AsyncSession, updates: list[dict[str, Any]]) -> None:
+def _held_by(claimant: str) -> Update:
+    """An UPDATE by primary key (one parameter set per row) of rows ``claimant`` holds."""
+    return (
+        update(DeliveryRow)
+        .where(DeliveryRow.claimed_by == claimant)
+        .execution_options(synchronize_session=None)  # no ORM objects to keep in step
+    )
+
+
+async def _write_states(s: AsyncSession, updates: list[dict[str, Any]], claimant: str) -> None:
     """Write new delivery states in as few statements as the data allows.
 
     Rows whose new values are equal but for the id (the common case: a batch
@@ -937,12 +952,12 @@ async def _write_states(s: AsyncSession, updates: list[dict[str, Any]]) -> None:
     for values, ids in groups.items():
         await s.execute(
             update(DeliveryRow)
-            .where(DeliveryRow.id.in_(ids))
+            .where(DeliveryRow.id.in_(ids), DeliveryRow.claimed_by == claimant)
             .values(dict(values))
             .execution_options(synchronize_session=False)
         )
     if singles:
-        await s.execute(update(DeliveryRow), singles)
+        await s.execute(_held_by(claimant), singles)
 
 
 # -- the sweeper ---------------------------------------------------------------

@@ -299,7 +299,13 @@ def _record_statement(resolved: bool) -> Executable:
     )
     if resolved:
         values["transport"] = bindparam("resolved", type_=DeliveryRow.transport.type)
-    return update(DeliveryRow).where(DeliveryRow.id == u.c.id).values(values).add_cte(new_attempts)
+    held = DeliveryRow.claimed_by == bindparam("claimant", type_=DeliveryRow.claimed_by.type)
+    return (
+        update(DeliveryRow)
+        .where(DeliveryRow.id == u.c.id, held)
+        .values(values)
+        .add_cte(new_attempts)
+    )
 
 
 async def record(
@@ -309,9 +315,12 @@ async def record(
     resolved: str | None,
     started_at: datetime,
     finished_at: datetime,
+    claimant: str,
 ) -> None:
-    """Write attempt rows and new delivery states in one statement."""
+    """Write attempt rows, and new states of the deliveries ``claimant`` still
+    holds, in one statement."""
     params: dict[str, Any] = {
+        "claimant": claimant,
         "batch_transport": transport,
         "batch_started_at": started_at,
         "batch_finished_at": finished_at,

@@ -756,6 +756,46 @@ async def test_a_manual_retry_does_not_break_the_claim_of_a_running_batch(
     assert memory.sent == []
 
 
+async def test_a_batch_that_outlived_its_lease_leaves_the_new_claimant_s_state_alone(
+    dispatcher: MemoryDispatcher, install: Callable[[Any], Any]
+) -> None:
+    message, _, ids, [batch] = await routed(dispatcher, 2)
+    taken, kept = ids
+
+    async def slow_send(_message: Any, _channel: Any, subscriber: Principal) -> None:
+        # While "a" sends, its lease runs out and "b" claims one of its
+        # deliveries, as the sweeper's re-enqueued task would.
+        if subscriber.delivery_id == taken:
+            await set_deliveries(
+                [taken],
+                claimed_by="b",
+                claimed_until=utcnow() + timedelta(seconds=300),
+                claims=1,
+            )
+
+    install(FunctionEgress(slow_send, name="memory"))
+
+    stats = await delivery.deliver(batch, claimant="a")
+
+    assert stats.delivered == 2  # both were sent; both attempts are recorded
+    assert [(a.delivery_id, a.attempt) for a in await attempt_rows(*ids)] == [
+        (taken, 1),
+        (kept, 1),
+    ]
+    by_id = {r.id: r for r in await delivery_rows(message.id)}  # type: ignore[arg-type]
+    # "b" holds the one it took: its claim and state are as "b" left them.
+    assert (by_id[taken].claimed_by, by_id[taken].status, by_id[taken].attempts) == (
+        "b",
+        DeliveryStatus.PENDING,
+        0,
+    )
+    assert (by_id[kept].claimed_by, by_id[kept].status, by_id[kept].attempts) == (
+        None,
+        DeliveryStatus.DELIVERED,
+        1,
+    )
+
+
 # -- the sweeper --------------------------------------------------------------------
 
 
