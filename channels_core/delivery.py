@@ -673,54 +673,74 @@ async def _attempt(
         endpoint_of = getattr(transport, "endpoint", None) or (lambda _principal: None)
         at_once = transport.at_once() if hasattr(transport, "at_once") else 0
         rounds: list[asyncio.Future[tuple[endpoints.Admission, list[TransportResult]]]] = []
+        failure: BaseException | None = None
         try:
             waiting = recipients
             give_up = time.monotonic() + get_settings().in_flight_hold
             pause = _ROOM_POLL
+            # A cold endpoint's canary goes out in one round; the rest of its
+            # share is asked for again only once that round is over, or each
+            # ask would send another canary.
+            testing: dict[str, asyncio.Future[Any]] = {}
+            last: dict[int, tuple[float, str]] = {}  # delivery id -> why it waits
+
+            def under_test(principal: Principal) -> bool:
+                url = endpoint_of(principal)
+                return url in testing and not testing[url].done()
+
             while waiting:
-                admission = await gate.admit(endpoint_of, waiting, at_once)
-                crowded: list[Principal] = []
-                for principal in waiting:
-                    assert principal.delivery_id is not None and principal.id is not None
-                    if principal.id in admission.disabled:
-                        results[principal.delivery_id] = TransportResult.failed(
-                            principal.id, admission.disabled[principal.id], permanent=True
-                        )
-                    elif principal.id in admission.crowded and time.monotonic() + pause < give_up:
-                        crowded.append(principal)
-                    elif principal.id in admission.deferred:
-                        deferred[principal.delivery_id] = admission.deferred[principal.id]
-                if admission.allowed or admission.held:
-                    # Sent while the crowded rest waits for room: each round
-                    # settles (frees its room) as soon as it is done.
-                    rounds.append(
-                        asyncio.ensure_future(
+                ask = [p for p in waiting if not under_test(p)]
+                waiting = [p for p in waiting if under_test(p)]
+                if ask:
+                    admission = await gate.admit(endpoint_of, ask, at_once)
+                    if admission.allowed or admission.held:
+                        # Sent while the crowded rest waits for room: each
+                        # round settles (frees its room) as soon as it is done.
+                        sending = asyncio.ensure_future(
                             _send_admitted(
                                 transport, message, channel, admission, deferred, gate, beside
                             )
                         )
-                    )
-                waiting = crowded
+                        rounds.append(sending)
+                        for principal in admission.held:
+                            testing[admission.by_subscriber[principal.id or 0]] = sending
+                    elif admission.charged:  # all of it booked for later: free the room now
+                        beside.settle(gate, admission, [])
+                    for principal in ask:
+                        assert principal.delivery_id is not None and principal.id is not None
+                        if principal.id in admission.disabled:
+                            results[principal.delivery_id] = TransportResult.failed(
+                                principal.id, admission.disabled[principal.id], permanent=True
+                            )
+                        elif principal.id in admission.crowded:
+                            last[principal.delivery_id] = admission.deferred[principal.id]
+                            waiting.append(principal)
+                        elif principal.id in admission.deferred:
+                            deferred[principal.delivery_id] = admission.deferred[principal.id]
+                if waiting and time.monotonic() + pause >= give_up:
+                    for principal in waiting:  # every one was asked at least once
+                        assert principal.delivery_id is not None
+                        deferred[principal.delivery_id] = last[principal.delivery_id]
+                    break
                 if waiting:
                     await asyncio.sleep(pause)
                     pause = min(pause * 2, _ROOM_POLL_MAX)
         finally:
-            done = await asyncio.gather(*rounds, return_exceptions=True)
-        failure: BaseException | None = None
-        for outcome in done:
-            if isinstance(outcome, BaseException):
-                failure = failure or outcome
-                continue
-            admission, sent = outcome
-            by_subscriber = {r.subscriber_id: r for r in sent}
-            for principal in admission.allowed:
-                assert principal.delivery_id is not None
-                results[principal.delivery_id] = by_subscriber.get(
-                    principal.id
-                ) or TransportResult.failed(
-                    principal.id,
-                    f"transport {transport_name!r} returned no result for this subscriber",
-                )
+            # What went out is recorded as sent even if a later ask for room failed.
+            for outcome in await asyncio.gather(*rounds, return_exceptions=True):
+                if isinstance(outcome, BaseException):
+                    failure = failure or outcome
+                    continue
+                admission, sent = outcome
+                by_subscriber = {r.subscriber_id: r for r in sent}
+                for principal in admission.allowed:
+                    assert principal.delivery_id is not None
+                    results[principal.delivery_id] = by_subscriber.get(
+                        principal.id
+                    ) or TransportResult.failed(
+                        principal.id,
+                        f"transport {transport_name!r} returned no result for this subscriber",
+                    )
         if failure is not None:  # what other rounds sent stays recorded as sent
             raise failure
     except (NotFoundError, ValidationError, ConfigurationError, ValueError, ImportError) as exc:
@@ -892,7 +912,9 @@ class _Outcome:
     waits: list[dict[str, Any]]
     # States are written only where this claimant still holds the claim: a
     # batch that outlived its lease must not overwrite what the worker that
-    # took its deliveries over wrote (its attempt rows are kept either way).
+    # took its deliveries over wrote. Its attempt rows are still inserted,
+    # but both workers number the attempt alike, and of two rows with one
+    # number the one recorded second is dropped (ON CONFLICT DO NOTHING).
     claimant: str
 
 

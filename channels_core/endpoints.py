@@ -363,10 +363,14 @@ class Admission:
     held: list[Principal] = field(default_factory=list)
     # subscriber id -> seconds after admission its booked rate-limit slot comes
     send_at: dict[int, float] = field(default_factory=dict)
-    # Deferred only for want of room under a host's in-flight cap: room that
-    # another batch's settle frees within a request's time, so the worker may
-    # ask again instead of sending these back to the queue.
+    # Deferred where a host's in-flight cap was the last limit to bind (a
+    # rate limit or a suspect breaker may have bound too; asking again finds
+    # out). Another batch's settle frees room within a request's time, so the
+    # worker may ask again instead of sending these back to the queue.
     crowded: set[int] = field(default_factory=set)
+    # Whether the script admitted any of them, so this admission's lease may
+    # hold room: it must be settled even if nothing is sent now.
+    charged: bool = False
     admitted_at: float = field(default_factory=time.monotonic)
     lease: str = ""
     hosts: dict[str, str] = field(default_factory=dict)  # endpoint -> host, as admitted
@@ -461,6 +465,9 @@ class Gate:
         try:
             if any(self._limited(config, url) for url in groups):
                 await self._honour_bookings(redis, groups, admission)
+                # Sent at booked slots, a batch is several sends at once
+                # (delivery._send_paced): charge every request it is admitted.
+                at_once = 0
             urls = [url for url, members in groups.items() if members]
             answers = (
                 await self._admit(redis, config, urls, groups, admission, at_once) if urls else ""
@@ -479,8 +486,10 @@ class Gate:
             answer = reply["answers"].get(str(index))
             if answer is None:  # all of them, now
                 admission.allowed.extend(members)
+                admission.charged = True
                 continue
             allowed, wait_ms, spread_ms, reason, event, cold = answer[:6]
+            admission.charged = admission.charged or int(allowed) > 0
             e_base, e_step, h_base, h_step = (x / 1e6 for x in answer[6:])
             for i, principal in enumerate(members[: int(allowed)]):
                 assert principal.id is not None and principal.delivery_id is not None

@@ -14,7 +14,8 @@ import asyncio
 import contextlib
 import itertools
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -1105,16 +1106,55 @@ async def test_a_batch_that_killed_its_worker_is_split_and_the_poison_ends_dead(
     assert {by_id[i].status for i in healthy} == {DeliveryStatus.DELIVERED}
 
 
+@pytest.fixture
+def health(
+    tune: Callable[..., Settings], broker_url: str, real_http: HttpEgress
+) -> Callable[..., Settings]:
+    """The real HTTP transport, endpoint health on the real Valkey; ``tune`` for the rest."""
+    tune(broker_url=broker_url)
+    return tune
+
+
+@dataclass
+class _Crowd:
+    message: Message
+    ids: list[int]
+    batch: Batch
+    before: int  # batches enqueued before the test's delivery
+    gate: endpoints.Gate  # the other worker's
+    other: endpoints.Admission  # the other worker's batch, holding the host's room
+    url: str  # every subscriber's endpoint
+
+
+def _on(url: str, count: int = 1) -> list[Principal]:
+    """Recipients of another worker's batch to ``url``."""
+    found = []
+    for _ in range(count):
+        principal = Principal("bot").set_alias("endpoint", url)
+        principal.id = 10**9 + next(_serial)
+        principal.delivery_id = 10**9 + principal.id
+        found.append(principal)
+    return found
+
+
+def _endpoint(principal: Principal) -> str | None:
+    return principal.get_alias("endpoint")
+
+
 @contextlib.asynccontextmanager
 async def _host_filled_by_another_batch(
-    dispatcher: MemoryDispatcher, receiver: WebhookReceiver, subscribers: int
-) -> Any:
-    """A batch routed to ``subscribers`` endpoints on the receiver's host, with
-    the host's in-flight cap (5) taken by another worker's batch.
+    dispatcher: MemoryDispatcher,
+    receiver: WebhookReceiver,
+    subscribers: int,
+    *,
+    known_good: bool = False,
+) -> AsyncIterator[_Crowd]:
+    """A batch routed to ``subscribers`` subscribers of one endpoint on the
+    receiver's host, with the host's in-flight cap (5) taken by another
+    worker's batch. ``known_good``: the endpoint has answered lately (no canary).
 
-    Yields (message, delivery ids, batch, batches enqueued before, the other
-    batch's gate and admission). Leases other tests left on this host
-    (admitted, never settled) are cleared first, so they do not count here.
+    Leases other tests left on this host (admitted, never settled) are
+    cleared first, so they do not count here.
     """
     url = receiver.url(f"/crowded-{next(_serial)}-{uuid.uuid4().hex[:6]}")
     client = shared_redis.client()
@@ -1127,62 +1167,119 @@ async def _host_filled_by_another_batch(
         )
         before = len(dispatcher.batches)
         gate = endpoints.Gate()
-        others = []
-        for i in range(5):
-            other = Principal("bot").set_alias("endpoint", f"{url}-other-{i}")
-            other.id = 10**9 + next(_serial)
-            others.append(other)
-        other = await gate.admit(lambda p: p.get_alias("endpoint"), others)
+        if known_good:
+            probe = await gate.admit(_endpoint, _on(url))
+            [p] = probe.allowed
+            await gate.settle(probe, [TransportResult.delivered(p.id, status_code=200)])
+        others = [p for i in range(5) for p in _on(f"{url}-other-{i}")]
+        other = await gate.admit(_endpoint, others)
         assert len(other.allowed) + len(other.held) == 5  # the host is full
-        yield message, ids, batch, before, gate, other
+        yield _Crowd(message, ids, batch, before, gate, other, url)
     finally:
         await client.delete(*keys)
 
 
 async def test_a_batch_crowded_out_of_the_host_cap_waits_for_room_and_sends_it_all(
-    dispatcher: MemoryDispatcher,
-    real_http: HttpEgress,
-    receiver: WebhookReceiver,
-    tune: Callable[..., Settings],
-    broker_url: str,
+    dispatcher: MemoryDispatcher, receiver: WebhookReceiver, health: Callable[..., Settings]
 ) -> None:
-    tune(broker_url=broker_url, host_max_in_flight=5, in_flight_hold=5.0)
-    async with _host_filled_by_another_batch(dispatcher, receiver, 8) as setup:
-        message, ids, batch, before, gate, other = setup
-        running = asyncio.ensure_future(delivery.deliver(batch, claimant="t1"))
+    health(host_max_in_flight=5, in_flight_hold=5.0)
+    async with _host_filled_by_another_batch(dispatcher, receiver, 8) as crowd:
+        running = asyncio.ensure_future(delivery.deliver(crowd.batch, claimant="t1"))
         await asyncio.sleep(0.3)
         assert not running.done() and receiver.count() == 0
-        await gate.settle(other, [])  # the other batch ends: room for 5 of the 8
+        await crowd.gate.settle(crowd.other, [])  # the other batch ends: room for 5 of the 8
         stats = await asyncio.wait_for(running, 10)
 
-    # All of it went out in this run, 5 and then 3, without going back to the queue.
+    # All of it went out in this run (a canary, 4 behind it, then 3) without
+    # going back to the queue.
     assert (stats.delivered, stats.deferred) == (8, 0), stats
     assert receiver.count() == 8
-    assert dispatcher.batches[before:] == []
-    assert [a.attempt for a in await attempt_rows(*ids)] == [1] * 8
-    rows = await delivery_rows(message.id)  # type: ignore[arg-type]
+    assert dispatcher.batches[crowd.before :] == []
+    assert [a.attempt for a in await attempt_rows(*crowd.ids)] == [1] * 8
+    rows = await delivery_rows(crowd.message.id)  # type: ignore[arg-type]
     assert {(r.status, r.attempts) for r in rows} == {(DeliveryStatus.DELIVERED, 1)}
 
 
 async def test_a_batch_still_crowded_after_the_hold_goes_back_to_the_queue_untried(
-    dispatcher: MemoryDispatcher,
-    real_http: HttpEgress,
-    receiver: WebhookReceiver,
-    tune: Callable[..., Settings],
-    broker_url: str,
+    dispatcher: MemoryDispatcher, receiver: WebhookReceiver, health: Callable[..., Settings]
 ) -> None:
-    tune(broker_url=broker_url, host_max_in_flight=5, in_flight_hold=0.3)
-    async with _host_filled_by_another_batch(dispatcher, receiver, 3) as setup:
-        message, ids, batch, before, gate, other = setup
+    health(host_max_in_flight=5, in_flight_hold=0.3)
+    async with _host_filled_by_another_batch(dispatcher, receiver, 3) as crowd:
         started = asyncio.get_running_loop().time()
-        stats = await delivery.deliver(batch, claimant="t1")
+        stats = await delivery.deliver(crowd.batch, claimant="t1")
         waited = asyncio.get_running_loop().time() - started
-        await gate.settle(other, [])
+        await crowd.gate.settle(crowd.other, [])
 
     assert (stats.deferred, stats.delivered, stats.retrying) == (3, 0, 0), stats
     assert 0.2 <= waited < 2, waited
-    assert receiver.count() == 0 and await attempt_rows(*ids) == []
-    for row in await delivery_rows(message.id):  # type: ignore[arg-type]
+    assert receiver.count() == 0 and await attempt_rows(*crowd.ids) == []
+    for row in await delivery_rows(crowd.message.id):  # type: ignore[arg-type]
         assert (row.status, row.attempts, row.claimed_by) == ("pending", 0, None)
-    [(again, countdown)] = dispatcher.batches[before:]
-    assert sorted(again.delivery_ids) == sorted(ids) and 0 < countdown <= 1
+    [(again, countdown)] = dispatcher.batches[crowd.before :]
+    assert sorted(again.delivery_ids) == sorted(crowd.ids) and 0 < countdown <= 1
+
+
+async def _held_on_host(url: str) -> int:
+    client = shared_redis.client()
+    assert client is not None
+    flight, _ = endpoints._host_flight_keys(endpoints.host_of(url))
+    return sum(int(v) for v in await client.hvals(flight))
+
+
+async def test_a_batch_booked_wholly_for_later_frees_its_room_at_once(
+    dispatcher: MemoryDispatcher, receiver: WebhookReceiver, health: Callable[..., Settings]
+) -> None:
+    # Every slot is booked beyond the hold, so nothing is sent now.
+    health(rate_limit_burst=0.1, rate_limit_hold=0.0)
+    async with _host_filled_by_another_batch(dispatcher, receiver, 3) as crowd:
+        await crowd.gate.settle(crowd.other, [])  # the host is free again
+        # Bookings are keyed by delivery id, which the other database's run reused.
+        client = shared_redis.client()
+        assert client is not None
+        bookings = [endpoints._booking_key(i) for i in crowd.ids]
+        await client.delete(*bookings)
+        await endpoints.set_rate_limit(crowd.url, 10)  # a burst of 1 ...
+        spent = await crowd.gate.admit(_endpoint, _on(crowd.url))
+        await crowd.gate.settle(spent, [])  # ... taken: every slot now is a later one
+        try:
+            stats = await delivery.deliver(crowd.batch, claimant="t1")
+            held = await _held_on_host(crowd.url)
+        finally:
+            await endpoints.set_rate_limit(crowd.url, None)
+            await client.delete(*bookings)
+
+    assert (stats.deferred, stats.delivered) == (3, 0), stats
+    assert receiver.count() == 0
+    assert held == 0  # no room is held for sends booked for later
+
+
+async def test_what_went_out_stays_delivered_when_asking_again_for_room_fails(
+    dispatcher: MemoryDispatcher,
+    receiver: WebhookReceiver,
+    health: Callable[..., Settings],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    health(host_max_in_flight=5, in_flight_hold=5.0)
+    admit = endpoints.Gate.admit
+    asked = 0
+
+    async def second_ask_fails(self: endpoints.Gate, *args: Any, **kwargs: Any) -> Any:
+        nonlocal asked
+        asked += 1
+        if asked == 2:
+            raise RuntimeError("Redis went away between two asks")
+        return await admit(self, *args, **kwargs)
+
+    async with _host_filled_by_another_batch(dispatcher, receiver, 8, known_good=True) as crowd:
+        await crowd.gate.settle(crowd.other, [])  # room for 5 of the 8
+        monkeypatch.setattr(endpoints.Gate, "admit", second_ask_fails)
+        stats = await delivery.deliver(crowd.batch, claimant="t1")
+
+    assert asked == 2 and receiver.count() == 5
+    # The 5 sent are delivered; the 3 never sent wait for a retry.
+    assert (stats.delivered, stats.retrying) == (5, 3), stats
+    rows = await delivery_rows(crowd.message.id)  # type: ignore[arg-type]
+    assert (
+        sorted(r.status for r in rows)
+        == [DeliveryStatus.DELIVERED] * 5 + [DeliveryStatus.RETRYING] * 3
+    )

@@ -275,6 +275,21 @@ async def test_a_caller_is_charged_what_it_has_open_at_once_not_what_it_is_admit
     assert len(again.allowed) == 3
 
 
+async def test_a_rate_limited_caller_is_charged_every_request_it_is_admitted(
+    gate: Gate, tune: Callable[..., Settings]
+) -> None:
+    # Sent at booked slots, a batch is several sends at once: at_once no longer bounds it.
+    tune(host_max_in_flight=10, rate_limit_burst=0.1, rate_limit_hold=0.25)
+    host = f"c{uuid.uuid4().hex[:8]}.localhost"
+    url = f"http://{host}/limited"
+    await endpoints.set_rate_limit(url, 1000)  # a burst of 100: the rate does not bind
+    await known_good(gate, url)
+    limited = await gate.admit(endpoint_of, people(url, 8), at_once=2)
+    assert len(limited.allowed) == 8
+    other = await Gate().admit(endpoint_of, people(f"http://{host}/other", 5))
+    assert len(other.allowed) + len(other.held) == 2 and len(other.crowded) == 3
+
+
 # -- the switch ------------------------------------------------------------------------------
 
 
