@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import cache
@@ -671,7 +671,7 @@ async def _attempt(
         gate = endpoints.gate()
         # Duck-typed transports without ``endpoint`` dial nothing we guard.
         endpoint_of = getattr(transport, "endpoint", None) or (lambda _principal: None)
-        at_once = transport.at_once() if hasattr(transport, "at_once") else 0
+        at_once: int = getattr(transport, "at_once", lambda: 0)()
         rounds: list[asyncio.Future[tuple[endpoints.Admission, list[TransportResult]]]] = []
         failure: BaseException | None = None
         try:
@@ -689,8 +689,7 @@ async def _attempt(
                 return url in testing and not testing[url].done()
 
             while waiting:
-                ask = [p for p in waiting if not under_test(p)]
-                waiting = [p for p in waiting if under_test(p)]
+                ask, waiting = _split_by(waiting, under_test)
                 if ask:
                     admission = await gate.admit(endpoint_of, ask, at_once)
                     if admission.allowed or admission.held:
@@ -762,6 +761,17 @@ async def _attempt(
                     c.id, TransportResult.failed(c.subscriber_id, f"{type(exc).__name__}: {exc}")
                 )
     return resolved
+
+
+def _split_by(
+    principals: list[Principal], later: Callable[[Principal], bool]
+) -> tuple[list[Principal], list[Principal]]:
+    """(those to ask now, those ``later`` keeps back), in one pass."""
+    now: list[Principal] = []
+    kept: list[Principal] = []
+    for principal in principals:
+        (kept if later(principal) else now).append(principal)
+    return now, kept
 
 
 async def _send_admitted(

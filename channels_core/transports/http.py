@@ -184,7 +184,7 @@ class HttpEgress(EgressTransport):
             for i, subscriber in pending:
                 results[i] = await self._post(message, subscriber, body)
 
-        runners = min(len(subscribers), max(1, get_settings().max_in_flight))
+        runners = min(len(subscribers), self.at_once())
         if runners == 1:
             await runner()
         else:
