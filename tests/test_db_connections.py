@@ -1,0 +1,107 @@
+"""``db.autocommit`` keeps a few connections between uses instead of checking
+each one in and out of the pool (``channels_core.db``), on the ``database``
+fixture's real SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import event, text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from channels_core import db
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@contextlib.contextmanager
+def _checkouts(engine: AsyncEngine) -> Iterator[list[int]]:
+    """Count the pool's checkouts while the block runs."""
+    seen: list[int] = []
+
+    def _count(*_: Any) -> None:
+        seen.append(1)
+
+    event.listen(engine.sync_engine, "checkout", _count)
+    try:
+        yield seen
+    finally:
+        event.remove(engine.sync_engine, "checkout", _count)
+
+
+async def _driver(conn: AsyncConnection) -> Any:
+    return (await conn.get_raw_connection()).driver_connection
+
+
+async def test_a_connection_used_a_moment_ago_is_used_again_without_a_checkout(
+    database: str,
+) -> None:
+    engine = db.get_engine(autocommit=True)
+    async with db.autocommit() as conn:
+        first = await _driver(conn)
+    with _checkouts(engine) as seen:
+        async with db.autocommit() as conn:
+            assert (await conn.execute(text("SELECT 1"))).scalar() == 1
+            again = await _driver(conn)
+    assert again is first
+    assert seen == []
+
+
+async def test_a_connection_whose_block_raised_goes_back_to_the_pool(database: str) -> None:
+    engine = db.get_engine(autocommit=True)
+    with pytest.raises(DBAPIError):
+        async with db.autocommit() as conn:
+            failed = await _driver(conn)
+            await conn.execute(text("SELECT * FROM no_such_table"))
+    assert engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    with _checkouts(engine) as seen:
+        async with db.autocommit() as conn:
+            assert (await conn.execute(text("SELECT 1"))).scalar() == 1
+    # Checked out of the pool afresh (SQLite's pool may hand back the same one).
+    assert seen == [1]
+    assert failed is not None
+
+
+async def test_a_connection_kept_past_the_ping_interval_is_pinged_before_use(
+    database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not db.is_postgres():
+        pytest.skip("pings are PostgreSQL's (the pool's checkout listener)")
+    engine = db.get_engine(autocommit=True)
+    async with db.autocommit():
+        pass
+    pings: list[Any] = []
+    dialect = engine.sync_engine.dialect
+    real_ping = dialect.do_ping
+
+    def _ping(dbapi_connection: Any) -> bool:
+        pings.append(dbapi_connection)
+        return real_ping(dbapi_connection)
+
+    monkeypatch.setattr(dialect, "do_ping", _ping)
+    async with db.autocommit() as conn:
+        assert (await conn.execute(text("SELECT 1"))).scalar() == 1
+    assert pings == [], "used a moment ago: no ping"
+    monkeypatch.setattr(db, "PING_IDLE_AFTER", 0.0)
+    async with db.autocommit() as conn:
+        assert (await conn.execute(text("SELECT 1"))).scalar() == 1
+    assert len(pings) == 1
+
+
+async def test_no_more_than_keep_are_kept_and_dispose_returns_them(database: str) -> None:
+    engine = db.get_engine(autocommit=True)
+    pool = engine.sync_engine.pool
+    async with contextlib.AsyncExitStack() as stack:
+        held = [await stack.enter_async_context(db.autocommit()) for _ in range(db.KEEP + 2)]
+        for conn in held:
+            assert (await conn.execute(text("SELECT 1"))).scalar() == 1
+        assert pool.checkedout() == db.KEEP + 2  # type: ignore[attr-defined]
+    assert pool.checkedout() == db.KEEP  # type: ignore[attr-defined]
+    await db.dispose()
+    assert pool.checkedout() == 0  # type: ignore[attr-defined]
+    assert all(conn.closed for conn in held)
