@@ -362,16 +362,36 @@ def ensure_valkey() -> EmbeddedServer:
 # -- the faces used by settings consumers -------------------------------------
 
 
+# (home, server) -> (when it was last ensured, its URL). Ensuring takes the
+# home's lock and reads and rewrites its state file, 1.4 ms, and the engine
+# and the admission gate asked for their URL on every statement and call.
+# A restarted server keeps its port when it can, so asking again once a
+# second still restarts a server that died, as the first use after always did.
+ASK_AGAIN_AFTER = 1.0
+_ensured: dict[tuple[Path, str], tuple[float, str]] = {}
+
+
+def _ensured_url(name: str) -> str:
+    key = (get_settings().home, name)
+    now = time.monotonic()
+    known = _ensured.get(key)
+    if known is not None and now - known[0] < ASK_AGAIN_AFTER:
+        return known[1]
+    url = (ensure_postgres if name == "postgres" else ensure_valkey)().url
+    _ensured[key] = (now, url)
+    return url
+
+
 def database_url() -> str:
     """``CHANNELS_DATABASE_URL``, or the embedded PostgreSQL's (started if needed)."""
     configured = get_settings().database_url
-    return configured if configured else ensure_postgres().url
+    return configured if configured else _ensured_url("postgres")
 
 
 def broker_url() -> str:
     """``CHANNELS_BROKER_URL``, or the embedded Valkey's (started if needed)."""
     configured = get_settings().broker_url
-    return configured if configured else ensure_valkey().url
+    return configured if configured else _ensured_url("valkey")
 
 
 def status() -> list[EmbeddedServer]:
@@ -392,6 +412,7 @@ def stop(
     the same port when it can.
     """
     stopped: list[EmbeddedServer] = []
+    _ensured.clear()  # the next use starts them again at once
     with _locked() as state:
         for name in [n for n in state if n in names]:
             server = EmbeddedServer(**state[name])  # type: ignore[arg-type]
