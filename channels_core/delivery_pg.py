@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 from functools import cache
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import (
@@ -252,22 +253,41 @@ def _load_statement() -> Executable:
         .where(MessageReferenceRow.message_id == MessageRow.id)
         .scalar_subquery()
     )
+    messages, channels = MessageRow.__table__, ChannelRow.__table__
+    # Core columns, not ORM entities: the batch reads them once, and an ORM
+    # session's checkout and identity map made this read outlast the claim
+    # it runs beside, which the batch then waited for.
     return (
-        select(MessageRow, ChannelRow, references)
-        .join(ChannelRow, ChannelRow.id == bindparam("channel_id", type_=ChannelRow.id.type))
-        .where(MessageRow.id == bindparam("message_id", type_=MessageRow.id.type))
+        select(
+            *messages.c,
+            *(column.label(f"channel_{column.key}") for column in channels.c),
+            references.label("references"),
+        )
+        .select_from(
+            messages.join(
+                channels, channels.c.id == bindparam("channel_id", type_=ChannelRow.id.type)
+            )
+        )
+        .where(messages.c.id == bindparam("message_id", type_=MessageRow.id.type))
     )
 
 
 async def load(message_id: int, channel_id: int) -> tuple[Message, Channel] | None:
     """The message with its references, and the channel; None if either is gone."""
-    async with db.session(autocommit=True) as s:
-        found = (
-            await s.execute(_load_statement(), {"message_id": message_id, "channel_id": channel_id})
-        ).first()
+    params = {"message_id": message_id, "channel_id": channel_id}
+    async with db.autocommit() as conn:
+        found = (await conn.execute(_load_statement(), params)).first()
     if found is None:
         return None
-    return Message._from_row(found[0], found[2] or ()), Channel._from_row(found[1])
+    columns = found._mapping
+    channel = SimpleNamespace(
+        **{column.key: columns[f"channel_{column.key}"] for column in ChannelRow.__table__.c}
+    )
+    # The row carries the message's columns under their own names.
+    return (
+        Message._from_row(cast(MessageRow, found), found.references or ()),
+        Channel._from_row(cast(ChannelRow, channel)),
+    )
 
 
 @cache
