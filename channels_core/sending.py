@@ -274,7 +274,21 @@ async def check_messages(messages: Sequence[Message]) -> None:
 
 
 @cache
-def _look_up_statement(postgres: bool) -> CompoundSelect:
+def _look_up_statement(postgres: bool, single: bool = False) -> CompoundSelect:
+    """With ``single``, ``channels`` and ``authors`` are one id each, not arrays.
+
+    PostgreSQL plans a prepared statement afresh on every execute while its
+    generic plan looks dearer than the plans for the values given; with
+    arrays it always did (10 ids assumed against the 1 sent), and planning
+    took 0.5 ms of a one-message send's 1.3 ms statement. Plain equality
+    lets the generic plan win, planned once per connection.
+    """
+
+    def one_of(column: Any, name: str) -> Any:
+        if single:
+            return column == bindparam(name, type_=column.type)
+        return db.one_of_param(column, name, postgres)
+
     subscribers = (
         select(func.count()).where(SubscriptionRow.channel_id == ChannelRow.id).scalar_subquery()
     )
@@ -284,9 +298,9 @@ def _look_up_statement(postgres: bool) -> CompoundSelect:
             literal_column("0").label("kind"),
             ChannelRow.id.label("ident"),
             subscribers.label("value"),
-        ).where(db.one_of_param(ChannelRow.id, "channels", postgres)),
+        ).where(one_of(ChannelRow.id, "channels")),
         select(literal_column("1"), PrincipalRow.id, submits).where(
-            db.one_of_param(PrincipalRow.id, "authors", postgres)
+            one_of(PrincipalRow.id, "authors")
         ),
     )
 
@@ -426,7 +440,7 @@ def _require(
 
 
 @cache
-def _new_statement(columns: tuple[str, ...]) -> Executable:
+def _new_statement(columns: tuple[str, ...], single: bool) -> Executable:
     """The look-up, new messages, and their outbox entries for every channel,
     in one statement (PostgreSQL): atomic without a transaction around it.
 
@@ -435,7 +449,7 @@ def _new_statement(columns: tuple[str, ...]) -> Executable:
     the outbox entries (kind 2), so the caller refuses what the transaction
     path would, with nothing written.
     """
-    look = _look_up_statement(True).cte("look")
+    look = _look_up_statement(True, single).cte("look")
     kinds = func.count().filter(look.c.kind == 0), func.count().filter(look.c.kind == 1)
     channels_found = select(kinds[0]).select_from(look).scalar_subquery()
     authors_found = select(kinds[1]).select_from(look).scalar_subquery()
@@ -487,18 +501,19 @@ async def _send_new(
     raises IntegrityError, and nothing is written."""
     now = utcnow()
     rows = [{**m._values(), "created_at": now} for m in messages]
+    single = len(channel_ids) == 1 and len(authors) == 1
     params = db.arrays(MessageRow, "r", list(rows[0]), rows)
     params.update(
         db.arrays(OutboxRow, "o", ["channel_id"], [{"channel_id": c} for c in channel_ids]),
-        channels=db.one_of_value(ChannelRow.id, channel_ids, True),
-        authors=db.one_of_value(PrincipalRow.id, authors, True),
+        channels=channel_ids[0] if single else db.one_of_value(ChannelRow.id, channel_ids, True),
+        authors=authors[0] if single else db.one_of_value(PrincipalRow.id, authors, True),
         channel_count=len(channel_ids),
         author_count=len(authors),
         outbox_created_at=now,
         outbox_relay_at=now + timedelta(seconds=get_settings().outbox_relay_after),
     )
     async with db.autocommit() as conn:
-        found = (await conn.execute(_new_statement(tuple(rows[0])), params)).all()
+        found = (await conn.execute(_new_statement(tuple(rows[0]), single), params)).all()
     subscriber_counts, permitted = _looked_up(found)
     _require(channel_ids, subscriber_counts, authors, permitted)
     inserted = [(new_id, message_id, c) for kind, new_id, message_id, c in found if kind == 2]

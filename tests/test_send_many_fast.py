@@ -210,3 +210,31 @@ async def test_new_messages_are_written_by_the_one_statement_path(
     assert sorted((j.message_id, j.channel_id) for j in dispatcher.jobs) == sorted(
         (i, c) for i in ids for c in (a.id, b.id)
     )
+
+
+async def test_a_send_to_one_channel_by_one_author_is_planned_once_per_connection(
+    database: str, dispatcher: MemoryDispatcher
+) -> None:
+    """With one channel and one author the statement compares plain ids, so
+    PostgreSQL keeps one generic plan for it instead of planning every send
+    afresh (as it did for the arrays, thinking them ten ids long)."""
+    if not db.is_postgres():
+        pytest.skip("prepared statements and their plans are PostgreSQL's")
+    author = await principal_with(SUBMIT)
+    channel = await Channel("one").save()
+    producer = AsyncProducer()
+    sent = [await producer.send(channel, f"m{i}", author_id=author.id) for i in range(12)]
+    assert all(d.accepted for d in sent)
+    # The connection the sends ran on: kept, and handed out again first.
+    async with db.autocommit() as conn:
+        plans = (
+            await conn.exec_driver_sql(
+                "SELECT generic_plans, custom_plans FROM pg_prepared_statements"
+                " WHERE position('new_messages' in statement) > 0"
+            )
+        ).all()
+    assert len(plans) == 1
+    # psycopg prepares it after a few executes; PostgreSQL plans the first
+    # five runs of a prepared statement for their values, then chooses.
+    generic, custom = plans[0]
+    assert custom == 5 and generic >= 1, f"{generic} generic plans, {custom} custom"
