@@ -193,6 +193,7 @@ def get_engine(*, autocommit: bool = False) -> AsyncEngine:
         engine = create_async_engine(url, **kwargs)
         if url.get_backend_name() == "postgresql":
             _ping_when_idle(engine.sync_engine)
+            _drop_kept_on_disconnect(engine)
         # psycopg runs an executemany INSERT without RETURNING as one server
         # statement per row; batched into multi-row VALUES it is one per
         # thousand. (Inserts with ON CONFLICT batch only with RETURNING.)
@@ -361,17 +362,30 @@ def constant(model: Any, column: str, value: Any) -> Any:
 # connection is kept only while nothing went wrong on it.
 _kept: weakref.WeakKeyDictionary[AsyncEngine, list[AsyncConnection]] = weakref.WeakKeyDictionary()
 KEEP = 4
+# When a statement last found its server gone, per engine: the pool then
+# replaces every connection it holds, and drops those kept before it too.
+_gone_at: weakref.WeakKeyDictionary[AsyncEngine, float] = weakref.WeakKeyDictionary()
+
+
+def _drop_kept_on_disconnect(engine: AsyncEngine) -> None:
+    @event.listens_for(engine.sync_engine, "handle_error")
+    def _handle_error(context: Any) -> None:
+        if context.is_disconnect:
+            _gone_at[engine] = time.monotonic()
 
 
 async def _take(engine: AsyncEngine) -> AsyncConnection:
     kept = _kept.get(engine)
     while kept:
         conn = kept.pop()
-        if time.monotonic() - conn.info["idle_since"] < PING_IDLE_AFTER:
+        kept_at = conn.info["idle_since"]
+        fresh = time.monotonic() - kept_at < PING_IDLE_AFTER
+        if fresh and kept_at > _gone_at.get(engine, 0.0):
             del conn.info["idle_since"]
             return conn
-        # Idle too long: back to the pool, whose next checkout pings it
-        # (its idle_since stays as set here).
+        # Idle too long, or kept from before the server went away: back to
+        # the pool, which pings it (its idle_since stays as set here) or
+        # replaces it at its next checkout.
         await conn.close()
     return await engine.connect()
 

@@ -105,3 +105,24 @@ async def test_no_more_than_keep_are_kept_and_dispose_returns_them(database: str
     await db.dispose()
     assert pool.checkedout() == 0  # type: ignore[attr-defined]
     assert all(conn.closed for conn in held)
+
+
+async def test_kept_connections_are_dropped_once_one_finds_its_server_gone(
+    database: str,
+) -> None:
+    """A restarted server leaves every kept connection dead; the first use
+    fails, as it would on a pooled connection used a moment ago, and the
+    next goes to a fresh one instead of failing on the next dead one."""
+    if not db.is_postgres():
+        pytest.skip("server-side disconnects are PostgreSQL's")
+    async with contextlib.AsyncExitStack() as stack:
+        held = [await stack.enter_async_context(db.autocommit()) for _ in range(2)]
+        pids = [(await conn.execute(text("SELECT pg_backend_pid()"))).scalar() for conn in held]
+    async with db.session() as s:
+        for pid in pids:
+            await s.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+    with pytest.raises(DBAPIError):
+        async with db.autocommit() as conn:
+            await conn.execute(text("SELECT 1"))
+    async with db.autocommit() as conn:
+        assert (await conn.execute(text("SELECT pg_backend_pid()"))).scalar() not in pids
