@@ -7,12 +7,18 @@ from __future__ import annotations
 
 import pytest
 from _support import principal_with, unchanged
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from channels_core import db
 from channels_core.dispatch import MemoryDispatcher, RouteJob
 from channels_core.errors import NotFoundError
-from channels_core.models import MessageReferenceRow, MessageRow, OutboxRow
+from channels_core.models import (
+    ChannelRow,
+    MessageReferenceRow,
+    MessageRow,
+    OutboxRow,
+    PrincipalRow,
+)
 from channels_core.permissions import SUBMIT
 from channels_core.primitives import Channel, Conversation, Message
 from producer import AsyncProducer
@@ -238,3 +244,53 @@ async def test_a_send_to_one_channel_by_one_author_is_planned_once_per_connectio
     # five runs of a prepared statement for their values, then chooses.
     generic, custom = plans[0]
     assert custom == 5 and generic >= 1, f"{generic} generic plans, {custom} custom"
+
+
+async def test_a_small_channel_is_counted_by_its_index_beside_a_large_one(database: str) -> None:
+    """The look-up counts each channel's subscriptions by the ids given: with
+    a channel of 20,000 subscribers in the statistics, a channel of three is
+    still counted through the index, not by a scan of every subscription
+    (correlated to the channel row, every channel was estimated at the
+    table's average)."""
+    if not db.is_postgres():
+        pytest.skip("the plan is PostgreSQL's")
+    from channels_core import sending
+
+    author = await principal_with(SUBMIT)
+    large = await Channel("large").save()
+    small = await Channel("small").save()
+    async with db.session() as s, s.begin():
+        await s.execute(
+            text(
+                "WITH p AS (INSERT INTO principals (kind, aliases, active, created_at)"
+                " SELECT 'bot', '{}', true, now() FROM generate_series(1, 20003) RETURNING id)"
+                " INSERT INTO subscriptions (channel_id, subscriber_id, created_at)"
+                " SELECT CASE WHEN row_number() OVER () <= 3 THEN :small ELSE :large END,"
+                " id, now() FROM p"
+            ),
+            {"small": small.id, "large": large.id},
+        )
+    async with db.autocommit() as conn:
+        await conn.exec_driver_sql("ANALYZE subscriptions")
+        for single in (True, False):
+            statement = sending._look_up_statement(True, single)
+            compiled = statement.compile(dialect=conn.dialect)
+            params = {
+                "channels": small.id
+                if single
+                else db.one_of_value(ChannelRow.id, [small.id], True),
+                "authors": author.id
+                if single
+                else db.one_of_value(PrincipalRow.id, [author.id], True),
+                **{k: v for k, v in compiled.params.items() if k not in ("channels", "authors")},
+            }
+            plan = "\n".join(
+                row[0] for row in await conn.exec_driver_sql(f"EXPLAIN {compiled}", params)
+            )
+            assert "Seq Scan on subscriptions" not in plan, plan
+            found = dict(
+                (ident, value)
+                for kind, ident, value in await conn.execute(statement, params)
+                if kind == 0
+            )
+            assert found == {small.id: 3}
