@@ -195,6 +195,10 @@ def claim_update(ids: Any, claimant: Any, now: Any, due: Any, until: Any) -> Upd
     )
 
 
+# The subscriber's columns a claim returns, in ``Principal._from_values`` order.
+_PRINCIPAL_COLUMNS = ("id", "kind", "username", "email", "aliases", "active", "created_at")
+
+
 @cache
 def _claim_statement() -> Executable:
     claimed = claim_update(
@@ -204,7 +208,8 @@ def _claim_statement() -> Executable:
         _stamp("due"),
         _stamp("until"),
     ).cte("claimed")
-    return select(claimed, *_PRINCIPAL).outerjoin(
+    # Positional, read back by position: the claimed row's six, then these.
+    return select(claimed, *(_PRINCIPAL[name] for name in _PRINCIPAL_COLUMNS)).outerjoin(
         PrincipalRow.__table__, _PRINCIPAL.id == claimed.c.subscriber_id
     )
 
@@ -225,20 +230,13 @@ async def claim(
         rows = (await conn.execute(_claim_statement(), params)).all()
     claimed = []
     principals: dict[int, Principal] = {}
+    # As plain tuples: reading a result row's columns by name took 13 µs a
+    # row here, most of a 500-delivery claim's Python time.
     for row in rows:
-        claimed.append(
-            (
-                row.delivery_id,
-                row.subscriber_id,
-                row.attempts,
-                row.retry_base,
-                row.claims,
-                row.transport,
-            )
-        )
-        if row.id is not None:
-            # The row carries the principal's columns under their own names.
-            principals[row.id] = Principal._from_row(cast(PrincipalRow, row))
+        values = tuple(row)
+        claimed.append(cast(tuple[int, int, int, int, int, str], values[:6]))
+        if values[6] is not None:  # the subscriber still exists
+            principals[values[6]] = Principal._from_values(*values[6:])
     return claimed, principals
 
 

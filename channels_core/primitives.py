@@ -277,11 +277,30 @@ class Principal(_Aliased):
 
     @classmethod
     def _from_row(cls, row: PrincipalRow, roles: Iterable[int] = ()) -> Principal:
-        p = cls(row.kind, username=row.username, email=row.email)
-        p.aliases = dict(row.aliases or {})
-        p.active = row.active
-        p.id, p.created_at = row.id, row.created_at
+        p = cls._from_values(
+            row.id, row.kind, row.username, row.email, row.aliases, row.active, row.created_at
+        )
         p._roles = list(roles)
+        return p
+
+    @classmethod
+    def _from_values(
+        cls,
+        id: int,
+        kind: str,
+        username: str | None,
+        email: str | None,
+        aliases: dict[str, Any] | None,
+        active: bool,
+        created_at: datetime | None,
+    ) -> Principal:
+        """From its columns as plain values: a claim builds hundreds at a
+        time from tuples, where reading each column of a result row by name
+        cost ten times the rest."""
+        p = cls(kind, username=username, email=email)
+        p.aliases = dict(aliases or {})
+        p.active = active
+        p.id, p.created_at = id, created_at
         return p
 
     @classmethod
