@@ -193,7 +193,7 @@ def get_engine(*, autocommit: bool = False) -> AsyncEngine:
         engine = create_async_engine(url, **kwargs)
         if url.get_backend_name() == "postgresql":
             _ping_when_idle(engine.sync_engine)
-            _drop_kept_on_disconnect(engine)
+            event.listen(engine.sync_engine, "handle_error", _note_disconnect)
         # psycopg runs an executemany INSERT without RETURNING as one server
         # statement per row; batched into multi-row VALUES it is one per
         # thousand. (Inserts with ON CONFLICT batch only with RETURNING.)
@@ -355,32 +355,35 @@ def constant(model: Any, column: str, value: Any) -> Any:
     return bindparam(None, value, type_=model.__table__.c[column].type).label(column)
 
 
-# Autocommit connections kept between uses, per engine, most recent last.
-# A pool checkout and checkin (greenlet switches, events, the reset) cost
-# more than the short statement run between them: 0.9 ms of a 3 ms
-# statement in a process that had been idle 50 ms (S4's light load). A
-# connection is kept only while nothing went wrong on it.
-_kept: weakref.WeakKeyDictionary[AsyncEngine, list[AsyncConnection]] = weakref.WeakKeyDictionary()
+# Autocommit connections kept between uses, per loop and engine, most
+# recent last. A pool checkout and checkin (greenlet switches, events, the
+# reset) cost more than the short statement run between them: 0.9 ms of a
+# 3 ms statement in a process that had been idle 50 ms (S4's light load). A
+# connection is kept only while nothing went wrong on it. Held by the loop,
+# as its engines are, so a loop ended without dispose() takes them along.
+_kept: weakref.WeakKeyDictionary[
+    asyncio.AbstractEventLoop, dict[AsyncEngine, list[AsyncConnection]]
+] = weakref.WeakKeyDictionary()
 KEEP = 4
-# When a statement last found its server gone, per engine: the pool then
-# replaces every connection it holds, and drops those kept before it too.
-_gone_at: weakref.WeakKeyDictionary[AsyncEngine, float] = weakref.WeakKeyDictionary()
+# When a statement last found its server gone, per (sync) engine: the pool
+# then replaces every connection it holds, and drops those kept before it too.
+_gone_at: weakref.WeakKeyDictionary[Engine, float] = weakref.WeakKeyDictionary()
 
 
-def _drop_kept_on_disconnect(engine: AsyncEngine) -> None:
-    @event.listens_for(engine.sync_engine, "handle_error")
-    def _handle_error(context: Any) -> None:
-        if context.is_disconnect:
-            _gone_at[engine] = time.monotonic()
+def _note_disconnect(context: Any) -> None:
+    # A cancelled statement counts as a disconnect too, but it leaves the
+    # server and the other connections as they were.
+    if context.is_disconnect and context.invalidate_pool_on_disconnect:
+        _gone_at[context.engine] = time.monotonic()
 
 
 async def _take(engine: AsyncEngine) -> AsyncConnection:
-    kept = _kept.get(engine)
+    kept = _kept.get(asyncio.get_running_loop(), {}).get(engine)
     while kept:
         conn = kept.pop()
         kept_at = conn.info["idle_since"]
         fresh = time.monotonic() - kept_at < PING_IDLE_AFTER
-        if fresh and kept_at > _gone_at.get(engine, 0.0):
+        if fresh and kept_at > _gone_at.get(engine.sync_engine, 0.0):
             del conn.info["idle_since"]
             return conn
         # Idle too long, or kept from before the server went away: back to
@@ -391,7 +394,14 @@ async def _take(engine: AsyncEngine) -> AsyncConnection:
 
 
 async def _keep(engine: AsyncEngine, conn: AsyncConnection) -> None:
-    kept = _kept.setdefault(engine, [])
+    loop = asyncio.get_running_loop()
+    if _engines.get(loop, {}).get(True) is not engine:
+        # Disposed while in use: its pool is gone, and a connection handed
+        # back to it would stay open until the collector found it.
+        await conn.invalidate()
+        await conn.close()
+        return
+    kept = _kept.setdefault(loop, {}).setdefault(engine, [])
     if conn.closed or conn.invalidated or len(kept) >= KEEP:
         await conn.close()
         return
@@ -399,8 +409,8 @@ async def _keep(engine: AsyncEngine, conn: AsyncConnection) -> None:
     kept.append(conn)
 
 
-async def _release_kept(engine: AsyncEngine) -> None:
-    for conn in _kept.pop(engine, []):
+async def _release_kept(loop: asyncio.AbstractEventLoop, engine: AsyncEngine) -> None:
+    for conn in _kept.get(loop, {}).pop(engine, []):
         await conn.close()
 
 
@@ -440,7 +450,7 @@ async def _dispose_stale(loop: asyncio.AbstractEventLoop) -> None:
     mine = [engine for owner, engine in _stale if owner is loop]
     _stale[:] = [(owner, engine) for owner, engine in _stale if owner is not loop]
     for engine in mine:
-        await _release_kept(engine)
+        await _release_kept(loop, engine)
         await engine.dispose()
 
 
@@ -449,5 +459,5 @@ async def dispose() -> None:
     loop = asyncio.get_running_loop()
     await _dispose_stale(loop)
     for engine in _engines.pop(loop, {}).values():
-        await _release_kept(engine)
+        await _release_kept(loop, engine)
         await engine.dispose()

@@ -5,7 +5,12 @@ fixture's real SQLite and PostgreSQL.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import os
+import subprocess
+import sys
+import textwrap
 from collections.abc import Iterator
 from typing import Any
 
@@ -126,3 +131,79 @@ async def test_kept_connections_are_dropped_once_one_finds_its_server_gone(
             await conn.execute(text("SELECT 1"))
     async with db.autocommit() as conn:
         assert (await conn.execute(text("SELECT pg_backend_pid()"))).scalar() not in pids
+
+
+def test_a_loop_ended_without_dispose_leaves_its_engine_to_the_collector(database: str) -> None:
+    """Kept connections belong to their loop, as its engines do: a loop an
+    application ends without ``db.dispose()`` does not keep its engine, pool
+    and connections alive for the rest of the process. In a fresh
+    interpreter, so that nothing of this session holds on to them.
+
+    PostgreSQL only: aiosqlite's connection threads hold their loop, and
+    with it the loop's engines, until the connections are closed.
+    """
+    if not database.startswith("postgresql"):
+        pytest.skip("aiosqlite's threads keep an undisposed loop alive anyway")
+    script = textwrap.dedent(
+        """
+        import asyncio, gc, warnings, weakref
+        from sqlalchemy import text
+        from channels_core import db
+
+        async def use():
+            async with db.autocommit() as conn:
+                await conn.execute(text("SELECT 1"))
+            return weakref.ref(db.get_engine(autocommit=True))
+
+        engines = [asyncio.run(use()) for _ in range(3)]
+        # SQLAlchemy warns of the checked-out connections the collector takes.
+        warnings.simplefilter("ignore")
+        gc.collect()
+        print(sum(ref() is not None for ref in engines))
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**os.environ, "CHANNELS_DATABASE_URL": database},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "0", "engines still alive after the collector ran"
+
+
+async def test_a_cancelled_statement_leaves_the_other_kept_connections_kept(
+    database: str,
+) -> None:
+    """SQLAlchemy reports a cancelled statement as a disconnect; the server
+    is still there, so only the cancelled connection is given up."""
+    if not db.is_postgres():
+        pytest.skip("server-side statements to cancel are PostgreSQL's")
+    async with contextlib.AsyncExitStack() as stack:
+        held = [await stack.enter_async_context(db.autocommit()) for _ in range(2)]
+        drivers = [await _driver(conn) for conn in held]
+
+    cancelled: list[Any] = []
+
+    async def sleep() -> None:
+        async with db.autocommit() as conn:
+            cancelled.append(await _driver(conn))
+            await conn.execute(text("SELECT pg_sleep(5)"))
+
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(sleep(), 0.3)
+    [other] = [d for d in drivers if d is not cancelled[0]]
+    async with db.autocommit() as conn:
+        assert await _driver(conn) is other
+
+
+async def test_a_connection_in_use_while_its_engine_is_disposed_is_closed_not_kept(
+    database: str,
+) -> None:
+    engine = db.get_engine(autocommit=True)
+    async with db.autocommit() as conn:
+        assert (await conn.execute(text("SELECT 1"))).scalar() == 1
+        await db.dispose()
+    assert conn.closed
+    assert not db._kept.get(asyncio.get_running_loop(), {}).get(engine)
