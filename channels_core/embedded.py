@@ -26,7 +26,7 @@ import socket
 import stat
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -371,13 +371,13 @@ ASK_AGAIN_AFTER = 1.0
 _ensured: dict[tuple[Path, str], tuple[float, str]] = {}
 
 
-def _ensured_url(name: str) -> str:
+def _ensured_url(name: str, ensure: Callable[[], EmbeddedServer]) -> str:
     key = (get_settings().home, name)
     now = time.monotonic()
     known = _ensured.get(key)
     if known is not None and now - known[0] < ASK_AGAIN_AFTER:
         return known[1]
-    url = (ensure_postgres if name == "postgres" else ensure_valkey)().url
+    url = ensure().url
     _ensured[key] = (now, url)
     return url
 
@@ -385,13 +385,13 @@ def _ensured_url(name: str) -> str:
 def database_url() -> str:
     """``CHANNELS_DATABASE_URL``, or the embedded PostgreSQL's (started if needed)."""
     configured = get_settings().database_url
-    return configured if configured else _ensured_url("postgres")
+    return configured if configured else _ensured_url("postgres", ensure_postgres)
 
 
 def broker_url() -> str:
     """``CHANNELS_BROKER_URL``, or the embedded Valkey's (started if needed)."""
     configured = get_settings().broker_url
-    return configured if configured else _ensured_url("valkey")
+    return configured if configured else _ensured_url("valkey", ensure_valkey)
 
 
 def status() -> list[EmbeddedServer]:
