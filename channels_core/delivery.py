@@ -147,9 +147,10 @@ async def route(job: RouteJob) -> RouteStats:
 
     page = _page_postgres if db.is_postgres() else _page_portable
     last = 0
+    size = _first_page_size()
     while True:
         values = _delivery_values(entry.message_id, entry.channel_id, transport, error)
-        found = await page(values, last, settings.route_page_size)
+        found = await page(values, last, size)
         if not found.seen:
             break
         last = found.last
@@ -165,10 +166,23 @@ async def route(job: RouteJob) -> RouteStats:
             stats.batches += len(batches)
         # A short page is the last one: asking again would only cost one
         # more round trip to find an empty page.
-        if found.seen < settings.route_page_size:
+        if found.seen < size:
             break
+        size = settings.route_page_size
     await _mark_routed(job.outbox_id, transport, error)
     return stats
+
+
+def _first_page_size() -> int:
+    """A routing's first page is one batch, the rest ``route_page_size``.
+
+    A page of 5,000 takes a couple of hundred milliseconds to insert, and
+    until it is in no delivery of a large channel could start; a first page
+    of one batch is enqueued (and picked up by another pool process) within
+    tens of milliseconds while the routing pages on.
+    """
+    settings = get_settings()
+    return min(settings.batch_size, settings.route_page_size)
 
 
 def _delivery_values(
@@ -201,7 +215,8 @@ async def warm_up() -> None:
     now = utcnow()
     async with db.autocommit() as conn:
         await conn.execute(_entry_statement(), {"outbox_id": 0})
-    await _page_postgres(_delivery_values(0, 0, NO_TRANSPORT, None), 0, settings.route_page_size)
+    for size in {_first_page_size(), settings.route_page_size}:
+        await _page_postgres(_delivery_values(0, 0, NO_TRANSPORT, None), 0, size)
     await delivery_pg.claim([], "warm-up", now, settings.claim_lease)
     await delivery_pg.load(0, 0)
     await delivery_pg.record([], [], NO_TRANSPORT, None, now, now, "warm-up")

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import itertools
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -371,6 +371,30 @@ async def test_route_pages_through_more_subscribers_than_a_page(
     assert all(1 <= n <= 3 for n in sizes) and len(sizes) == stats.batches >= 4
     enqueued = [i for b, _ in dispatcher.batches for i in b.delivery_ids]
     assert sorted(enqueued) == [r.id for r in rows]  # every delivery once, none twice
+
+
+async def test_route_enqueues_one_batch_before_paging_the_rest_of_a_large_channel(
+    dispatcher: MemoryDispatcher, tune: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first page is one batch, so a large channel's first deliveries go
+    out while the routing task pages through the rest."""
+    tune(route_page_size=6, batch_size=2)
+    author = await make_author()
+    channel = await make_channel()
+    await add_subscribers(channel, 11)
+    message, _ = await send(author, channel)
+    calls: list[list[int]] = []
+
+    async def enqueue_batches(batches: Sequence[Batch], countdown: float = 0.0) -> None:
+        calls.append([len(b.delivery_ids) for b in batches])
+
+    monkeypatch.setattr(dispatcher, "enqueue_batches", enqueue_batches)
+    stats = await delivery.route(dispatcher.jobs[0])
+
+    assert calls == [[2], [2, 2, 2], [2, 1]]  # pages of 2, 6 and the last 3
+    assert stats.deliveries == 11
+    rows = await delivery_rows(message.id)  # type: ignore[arg-type]
+    assert len(rows) == 11
 
 
 async def test_route_of_a_channel_without_subscribers_finishes_the_dispatch(
