@@ -21,6 +21,7 @@ from typing import Any
 import psycopg
 from sqlalchemy import func, insert, select
 
+from bench.common import Countdown
 from channels_cli.devservers import free_port
 from channels_cli.processes import Process, start_worker
 from channels_core import db, embedded, migrate
@@ -131,7 +132,7 @@ async def run_once(
         await message.send(channel)
         deadline = started + timeout
         written = 0
-        last = (0, started)
+        countdown = Countdown(n)
         while time.perf_counter() < deadline:
             asked = time.perf_counter()
             if observer is not None:
@@ -142,19 +143,8 @@ async def run_once(
                 written = await attempts_written(message.id)  # type: ignore[arg-type]
             if written >= n:
                 break
-            # The count itself costs the database, and the system measured
-            # shares its cores: at 100k rows a poll every 50 ms kept two
-            # parallel workers busy, and at 10k 50 polls took a tenth of a
-            # core. Spend at most a sixth of the time asking, and sleep half
-            # the time the rate so far says is left: few polls, most of them
-            # near the end, where they set the figure to within 50 ms. The
-            # rate is the last interval's, and no sleep is longer than a
-            # second, so a slow start does not make a long guess.
             now = time.perf_counter()
-            rate = (written - last[0]) / (now - last[1])
-            left = (n - written) / rate if rate > 0 else 0.0
-            last = (written, now)
-            await asyncio.sleep(max(0.05, 5 * (now - asked), min(1.0, left / 2)))
+            await asyncio.sleep(countdown.sleep(written, now, now - asked))
         elapsed = time.perf_counter() - started
     finally:
         if observer is not None:

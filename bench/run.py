@@ -99,6 +99,8 @@ def _scenarios(
         figures.append(throughput.naive_fanout(machine, "S1", size["s1_naive"], fast, runs, pool))
         step("S1 bare")
         figures.append(throughput.bare(machine, size["s1"], fast, runs))
+        step("S1 bare + rows")
+        figures.append(throughput.bare(machine, size["s1"], fast, runs, record=True))
     if "S2" in only:
         step("S2 channels")
         figures.append(throughput.channels_fanout(machine, "S2", size["s2"], slow, runs, pool))

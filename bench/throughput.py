@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psycopg
 
-from bench.common import CpuMeter, Figure, Machine, RssSampler
+from bench.common import Countdown, CpuMeter, Figure, Machine, RssSampler
 from bench.fanout import run_once
 from channels_cli.processes import Process
 
@@ -153,16 +153,19 @@ def naive_fanout(
             started = time.perf_counter()
             app.send_task("naive.route", args=[run, urls, time.time()], queue="naive")
             done = 0
+            countdown = Countdown(n)
             with psycopg.connect(machine.observer_dsn, autocommit=True) as conn:
                 deadline = started + 900
                 while time.perf_counter() < deadline:
+                    asked = time.perf_counter()
                     row = conn.execute(
                         "SELECT count(*) FROM naive_results WHERE run = %s", (run,)
                     ).fetchone()
                     done = int(row[0]) if row else 0
                     if done >= n:
                         break
-                    time.sleep(0.05)
+                    now = time.perf_counter()
+                    time.sleep(countdown.sleep(done, now, now - asked))
             elapsed = time.perf_counter() - started
             meter.stop()
             figure.runs.append(done / elapsed)
@@ -170,19 +173,30 @@ def naive_fanout(
     return figure
 
 
-def bare(machine: Machine, n: int, port: int, runs: int) -> Figure:
-    """The bare client: the ceiling for HTTP on this machine."""
-    figure = Figure("S1", "bare client", notes=f"n={n}, 1 process, 64 connections")
+def bare(machine: Machine, n: int, port: int, runs: int, *, record: bool = False) -> Figure:
+    """The bare client: the ceiling for HTTP on this machine. With ``record``,
+    each answer is also written as a row (``bench.bare --record``): the floor
+    of any design that records every attempt."""
+    system, args = "bare client", [f"http://127.0.0.1:{port}/bare", str(n)]
+    if record:
+        system, args = "bare client + rows", [*args, "--record", machine.dsn]
+    figure = Figure("S1", system, notes=f"n={n}, 1 process, 64 connections")
     for run in range(runs):
         out = machine.start(
-            f"bare-{run}",
-            [sys.executable, "-m", "bench.bare", f"http://127.0.0.1:{port}/bare", str(n)],
+            f"{system.replace(' ', '-')}-{run}", [sys.executable, "-m", "bench.bare", *args]
         )
+        meter = machine.cpu_meter()  # the database's; the client counts its own
+        meter.start()
         out.popen.wait(600)
+        meter.stop()
         line = [ln for ln in out.log().splitlines() if ln.startswith("requests=")][-1]
         fields = dict(part.split("=", 1) for part in line.split())
+        requests = max(1, int(fields["requests"]))
         figure.runs.append(float(fields["rate"]))
-        figure.cpu_s_per_item = {"client": float(fields["cpu"]) / max(1, int(fields["requests"]))}
+        figure.cpu_s_per_item = {
+            "client": float(fields["cpu"]) / requests,
+            **({"database": meter.per(requests)["database"]} if record else {}),
+        }
     return figure
 
 
