@@ -219,7 +219,9 @@ async def warm_up() -> None:
         await _page_postgres(_delivery_values(0, 0, NO_TRANSPORT, None), 0, size)
     await delivery_pg.claim([], "warm-up", now, settings.claim_lease)
     await delivery_pg.load(0, 0)
-    await delivery_pg.record([], [], NO_TRANSPORT, None, now, now, "warm-up")
+    await delivery_pg.record(
+        delivery_pg.record_params([], [], NO_TRANSPORT, None, now, now, "warm-up")
+    )
     await _mark_routed(0, None, None)
 
 
@@ -937,9 +939,10 @@ class _Outcome:
     waits: list[dict[str, Any]]
     # States are written only where this claimant still holds the claim: a
     # batch that outlived its lease must not overwrite what the worker that
-    # took its deliveries over wrote. Its attempt rows are still inserted,
-    # but both workers number the attempt alike, and of two rows with one
-    # number the one recorded second is dropped (ON CONFLICT DO NOTHING).
+    # took its deliveries over wrote. Its tries are still counted on the
+    # rows and recorded: an attempt's number is the row's count after it,
+    # taken where the attempt is written, so the two workers' attempts of
+    # one delivery get numbers of their own.
     claimant: str
 
 
@@ -947,24 +950,52 @@ async def _record(outcome: _Outcome) -> None:
     """Write a batch's attempt rows and its deliveries' new states together."""
     if not db.is_postgres():
         async with db.session() as s, s.begin():
-            if outcome.attempts:
+            tried = [row["delivery_id"] for row in outcome.attempts]
+            if tried:
+                # Those this batch no longer holds are counted first, while
+                # the ones it holds are still marked as its own.
                 await s.execute(
-                    db.insert(s, AttemptRow).on_conflict_do_nothing().returning(AttemptRow.id),
-                    outcome.attempts,
+                    update(DeliveryRow)
+                    .where(
+                        DeliveryRow.id.in_(tried),
+                        or_(
+                            DeliveryRow.claimed_by.is_(None),
+                            DeliveryRow.claimed_by != outcome.claimant,
+                        ),
+                    )
+                    .values(attempts=DeliveryRow.attempts + 1)
+                    .execution_options(synchronize_session=False)
                 )
             await _write_states(s, outcome.states, outcome.claimant)
+            if tried:
+                found = await s.execute(
+                    select(DeliveryRow.id, DeliveryRow.attempts).where(DeliveryRow.id.in_(tried))
+                )
+                numbers = {delivery_id: count for delivery_id, count in found}
+                rows = [
+                    {**row, "attempt": numbers[row["delivery_id"]]}
+                    for row in outcome.attempts
+                    if row["delivery_id"] in numbers  # not deleted meanwhile
+                ]
+                if rows:
+                    await s.execute(
+                        db.insert(s, AttemptRow).on_conflict_do_nothing().returning(AttemptRow.id),
+                        rows,
+                    )
             if outcome.waits:
                 await s.execute(_held_by(outcome.claimant), outcome.waits)
         return
     if outcome.states:
         await delivery_pg.record(
-            outcome.attempts,
-            outcome.states,
-            outcome.transport,
-            outcome.resolved,
-            outcome.started_at,
-            outcome.finished_at,
-            outcome.claimant,
+            delivery_pg.record_params(
+                outcome.attempts,
+                outcome.states,
+                outcome.transport,
+                outcome.resolved,
+                outcome.started_at,
+                outcome.finished_at,
+                outcome.claimant,
+            )
         )
     if outcome.waits:
         async with db.session() as s, s.begin():
@@ -981,30 +1012,46 @@ def _held_by(claimant: str) -> Update:
 
 
 async def _write_states(s: AsyncSession, updates: list[dict[str, Any]], claimant: str) -> None:
-    """Write new delivery states in as few statements as the data allows.
+    """Write new delivery states in as few statements as the data allows,
+    each row's try counted on it (``attempts + 1``).
 
     Rows whose new values are equal but for the id (the common case: a batch
     all delivered with 200) share one ``UPDATE ... WHERE id IN (...)``;
     the rest (retries carry their own jittered due time) go as one
     executemany by primary key.
     """
+    counted = {"attempts": DeliveryRow.attempts + 1}
     groups: dict[tuple[Any, ...], list[int]] = {}
     singles: list[dict[str, Any]] = []
     for change in updates:
         if change.get("status") == DeliveryStatus.RETRYING:
             singles.append(change)
             continue
-        values = tuple(sorted((k, v) for k, v in change.items() if k != "id"))
+        values = tuple(sorted((k, v) for k, v in change.items() if k not in ("id", "attempts")))
         groups.setdefault(values, []).append(change["id"])
     for values, ids in groups.items():
         await s.execute(
             update(DeliveryRow)
             .where(DeliveryRow.id.in_(ids), DeliveryRow.claimed_by == claimant)
-            .values(dict(values))
+            .values({**dict(values), **counted})
             .execution_options(synchronize_session=False)
         )
     if singles:
-        await s.execute(_held_by(claimant), singles)
+        keys = sorted(singles[0].keys() - {"id", "attempts"})  # a batch's retries share keys
+        by_id = (
+            update(DeliveryRow)
+            .where(
+                DeliveryRow.id == bindparam("row_id"),
+                DeliveryRow.claimed_by == claimant,
+            )
+            .values({**{key: bindparam(f"row_{key}") for key in keys}, **counted})
+        )
+        # On the session's connection: a list of rows given to the session
+        # itself would make this an ORM bulk update, which takes no expressions.
+        conn = await s.connection()
+        await conn.execute(
+            by_id, [{f"row_{key}": change[key] for key in ("id", *keys)} for change in singles]
+        )
 
 
 # -- the sweeper ---------------------------------------------------------------

@@ -8,8 +8,9 @@ is PostgreSQL (SQLite keeps the portable statements there):
 - ``claim``: the UPDATE that claims the batch's deliveries, in a CTE joined
   to ``principals``, so the subscribers come back with the claim;
 - ``load``: the message with its references, and the channel;
-- ``record``: the attempt rows (an INSERT in a CTE) and the deliveries' new
-  states, one statement, so an attempt and its outcome land together.
+- ``record``: the deliveries' new states and the attempt rows, numbered by
+  the count the UPDATE leaves, one statement, so an attempt and its outcome
+  land together.
 
 Each is built once per process with named parameters and runs in autocommit
 on a Core connection: no BEGIN/COMMIT round trips, no per-call statement
@@ -64,14 +65,16 @@ __all__ = [
     "claim_update",
     "load",
     "record",
+    "record_params",
     "ATTEMPT_ARRAYS",
     "STATE_ARRAYS",
 ]
 
-# Columns that differ per delivery, sent as one array each.
-ATTEMPT_ARRAYS = ("delivery_id", "attempt", "status", "status_code", "error", "latency_ms")
+# Columns that differ per delivery, sent as one array each. An attempt's
+# number is not among them: the record statement counts it.
+ATTEMPT_ARRAYS = ("delivery_id", "status", "status_code", "error", "latency_ms")
 STATE_ARRAYS = (
-    *("id", "status", "attempts", "last_status_code", "last_error"),
+    *("id", "status", "last_status_code", "last_error"),
     *("next_attempt_at", "queued_until"),
 )
 _PRINCIPAL = PrincipalRow.__table__.c
@@ -290,23 +293,12 @@ async def load(message_id: int, channel_id: int) -> tuple[Message, Channel] | No
 
 @cache
 def _record_statement(resolved: bool) -> Executable:
-    a = db.unnest(AttemptRow, "a", ATTEMPT_ARRAYS)
-    # Named apart from the columns: SQLAlchemy reserves a column's own name.
     finished_at = _stamp("batch_finished_at")
-    same = {
-        "transport": bindparam("batch_transport", type_=AttemptRow.transport.type),
-        "started_at": _stamp("batch_started_at"),
-        "finished_at": finished_at,
-    }
-    new_attempts = (
-        postgresql.insert(AttemptRow)
-        .from_select([*ATTEMPT_ARRAYS, *same], select(*a.c, *same.values()))
-        .on_conflict_do_nothing()
-        .cte("new_attempts")
-    )
+    claimant = bindparam("claimant", type_=DeliveryRow.claimed_by.type)
     u = db.unnest(DeliveryRow, "u", STATE_ARRAYS)
     values: dict[str, Any] = {column.key: column for column in u.c if column.key != "id"}
     values.update(
+        attempts=DeliveryRow.attempts + 1,
         delivered_at=case(
             (u.c.status == DeliveryStatus.DELIVERED, finished_at), else_=DeliveryRow.delivered_at
         ),
@@ -317,16 +309,51 @@ def _record_statement(resolved: bool) -> Executable:
     )
     if resolved:
         values["transport"] = bindparam("resolved", type_=DeliveryRow.transport.type)
-    held = DeliveryRow.claimed_by == bindparam("claimant", type_=DeliveryRow.claimed_by.type)
-    return (
+    held = (
         update(DeliveryRow)
-        .where(DeliveryRow.id == u.c.id, held)
+        .where(DeliveryRow.id == u.c.id, DeliveryRow.claimed_by == claimant)
         .values(values)
-        .add_cte(new_attempts)
+        .returning(DeliveryRow.id, DeliveryRow.attempts)
+        .cte("held")
+    )
+    a = db.unnest(AttemptRow, "a", ATTEMPT_ARRAYS)
+    # Deliveries this batch no longer holds: it outlived its lease and
+    # another worker took them over. Their tries happened all the same, so
+    # each is counted and numbered on the row, like the new holder's will
+    # be, and both attempts keep their rows. (Rows "held" just updated are
+    # left out: a statement must not update a row twice.) Usually empty.
+    taken = func.array(select(a.c.delivery_id).except_(select(held.c.id)).scalar_subquery())
+    stale = (
+        update(DeliveryRow)
+        # As one array, so the primary key's index is used whatever the
+        # planner guesses of the set (as a join it chose to scan the table).
+        .where(DeliveryRow.id == any_(taken))
+        .values(attempts=DeliveryRow.attempts + 1)
+        .returning(DeliveryRow.id, DeliveryRow.attempts)
+        .cte("stale")
+    )
+    numbered = union_all(
+        select(held.c.id, held.c.attempts), select(stale.c.id, stale.c.attempts)
+    ).subquery("numbered")
+    # Named apart from the columns: SQLAlchemy reserves a column's own name.
+    same = {
+        "transport": bindparam("batch_transport", type_=AttemptRow.transport.type),
+        "started_at": _stamp("batch_started_at"),
+        "finished_at": finished_at,
+    }
+    tried = (
+        select(numbered.c.attempts, *a.c, *same.values())
+        .select_from(a)
+        .join(numbered, numbered.c.id == a.c.delivery_id)
+    )
+    return (
+        postgresql.insert(AttemptRow)
+        .from_select(["attempt", *ATTEMPT_ARRAYS, *same], tried)
+        .on_conflict_do_nothing()
     )
 
 
-async def record(
+def record_params(
     attempts: Sequence[dict[str, Any]],
     states: Sequence[dict[str, Any]],
     transport: str,
@@ -334,9 +361,8 @@ async def record(
     started_at: datetime,
     finished_at: datetime,
     claimant: str,
-) -> None:
-    """Write attempt rows, and new states of the deliveries ``claimant`` still
-    holds, in one statement."""
+) -> dict[str, Any]:
+    """The parameters of ``record`` for a batch's attempts and new states."""
     params: dict[str, Any] = {
         "claimant": claimant,
         "batch_transport": transport,
@@ -347,5 +373,12 @@ async def record(
     }
     if resolved:
         params["resolved"] = resolved
+    return params
+
+
+async def record(params: dict[str, Any]) -> None:
+    """Write the new states of the deliveries the claimant still holds, count
+    every try on its delivery, and write the attempt rows, in one statement
+    (``record_params`` makes ``params``)."""
     async with db.autocommit() as conn:
-        await conn.execute(_record_statement(bool(resolved)), params)
+        await conn.execute(_record_statement("resolved" in params), params)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import re
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from typing import Any
 
 import pytest
 from _support import unchanged
-from sqlalchemy import insert, select, update
+from sqlalchemy import insert, select, text, update
 
 from channels_cli.devservers import WebhookReceiver
 from channels_core import db, deliveries, delivery, endpoints, shared_redis
@@ -808,17 +809,147 @@ async def test_a_batch_that_outlived_its_lease_leaves_the_new_claimant_s_state_a
         (kept, 1),
     ]
     by_id = {r.id: r for r in await delivery_rows(message.id)}  # type: ignore[arg-type]
-    # "b" holds the one it took: its claim and state are as "b" left them.
+    # "b" holds the one it took: its claim and state are as "b" left them,
+    # but "a"'s try is counted.
     assert (by_id[taken].claimed_by, by_id[taken].status, by_id[taken].attempts) == (
         "b",
         DeliveryStatus.PENDING,
-        0,
+        1,
     )
     assert (by_id[kept].claimed_by, by_id[kept].status, by_id[kept].attempts) == (
         None,
         DeliveryStatus.DELIVERED,
         1,
     )
+
+
+@pytest.mark.parametrize("first", ["stale batch", "new claimant"])
+async def test_both_tries_of_a_delivery_taken_over_are_recorded_under_numbers_of_their_own(
+    dispatcher: MemoryDispatcher, install: Callable[[Any], Any], first: str
+) -> None:
+    """A batch that outlived its lease and the worker that took a delivery
+    over both sent it: two attempt rows, numbered 1 and 2 in the order they
+    were written, and the delivery counts two attempts, whichever records
+    first."""
+    message, _, [taken], [batch] = await routed(dispatcher, 1)
+    sent: list[str] = []
+
+    async def send(_message: Any, _channel: Any, subscriber: Principal) -> None:
+        if not sent:  # "a" is sending: its lease runs out and "b" takes over
+            sent.append("a")
+            # "b" claims it: the claim it would make once "a"'s lease ran out.
+            until = utcnow() + timedelta(seconds=300)
+            await set_deliveries([taken], claimed_by="b", claimed_until=until, claims=0)
+            if first == "new claimant":
+                await delivery.deliver(Batch(batch.message_id, batch.channel_id, (taken,)), "b")
+        else:
+            sent.append("b")
+
+    install(FunctionEgress(send, name="memory"))
+
+    await delivery.deliver(batch, claimant="a")
+    if first == "stale batch":
+        await delivery.deliver(Batch(batch.message_id, batch.channel_id, (taken,)), "b")
+
+    assert sent == ["a", "b"]
+    rows = await attempt_rows(taken)
+    assert [a.attempt for a in rows] == [1, 2]
+    [row] = await delivery_rows(message.id)  # type: ignore[arg-type]
+    assert (row.status, row.attempts, row.claimed_by) == (DeliveryStatus.DELIVERED, 2, None)
+
+
+def _numbered(sql: str) -> str:
+    """A statement's ``%(name)s`` parameters as ``$1``, ``$2``... (EXPLAIN GENERIC_PLAN)."""
+    numbers: dict[str, int] = {}
+    return re.sub(r"%\((\w+)\)s", lambda m: f"${numbers.setdefault(m[1], len(numbers) + 1)}", sql)
+
+
+def _cte_plan(plan: str, name: str) -> str:
+    """The lines of an EXPLAIN under ``CTE name``."""
+    lines = plan.splitlines()
+    [start] = [i for i, line in enumerate(lines) if line.strip() == f"CTE {name}"]
+    depth = len(lines[start]) - len(lines[start].lstrip())
+    end = next(
+        (
+            i
+            for i in range(start + 1, len(lines))
+            if len(lines[i]) - len(lines[i].lstrip()) <= depth
+        ),
+        len(lines),
+    )
+    return "\n".join(lines[start:end])
+
+
+async def test_recording_a_batch_looks_for_deliveries_taken_over_by_index(
+    dispatcher: MemoryDispatcher,
+) -> None:
+    """The record statement looks for deliveries another worker took over
+    (none, as a rule) by the primary key's index, planned for the values or
+    generic: a scan of the table would cost every batch its size."""
+    if not db.is_postgres():
+        pytest.skip("the plan is PostgreSQL's")
+    from channels_core import delivery_pg
+
+    message, channel, _, _ = await routed(dispatcher, 1)
+    async with db.session() as s, s.begin():
+        await s.execute(
+            text(
+                "WITH p AS (INSERT INTO principals (kind, aliases, active, created_at)"
+                " SELECT 'bot', '{}', true, now() FROM generate_series(1, 20000) RETURNING id)"
+                " INSERT INTO deliveries (message_id, channel_id, subscriber_id, transport,"
+                " status, attempts, retry_base, claims, claimed_by, created_at, updated_at)"
+                " SELECT :message, :channel, id, 'memory', 'pending', 0, 0, 1, 'plan', now(), now()"
+                " FROM p"
+            ),
+            {"message": message.id, "channel": channel.id},
+        )
+        ids = list(
+            await s.scalars(
+                select(DeliveryRow.id).where(DeliveryRow.claimed_by == "plan").limit(500)
+            )
+        )
+    now = utcnow()
+    attempts = [
+        {
+            "delivery_id": i,
+            "status": "delivered",
+            "status_code": 200,
+            "error": None,
+            "latency_ms": 1.0,
+        }
+        for i in ids
+    ]
+    states = [
+        {
+            "id": i,
+            "status": DeliveryStatus.DELIVERED,
+            "last_status_code": 200,
+            "last_error": None,
+            "next_attempt_at": None,
+            "queued_until": None,
+        }
+        for i in ids
+    ]
+    statement = delivery_pg._record_statement(False)
+    params = delivery_pg.record_params(attempts, states, "memory", None, now, now, "plan")
+    async with db.autocommit() as conn:
+        await conn.exec_driver_sql("ANALYZE deliveries")
+        compiled = statement.compile(dialect=conn.dialect)
+        values = {**compiled.params, **params}
+        for explain in ("EXPLAIN", "EXPLAIN (GENERIC_PLAN)"):
+            sql = str(compiled) if explain == "EXPLAIN" else _numbered(str(compiled))
+            plan = "\n".join(
+                row[0]
+                for row in await conn.exec_driver_sql(
+                    f"{explain} {sql}", values if explain == "EXPLAIN" else ()
+                )
+            )
+            stale = _cte_plan(plan, "stale")
+            assert "Index Scan using pk_deliveries" in stale, plan
+            assert "Seq Scan" not in stale, plan
+        await conn.execute(statement, params)
+    rows = await attempt_rows(*ids)
+    assert [(a.attempt, a.status) for a in rows] == [(1, AttemptStatus.DELIVERED)] * 500
 
 
 # -- the sweeper --------------------------------------------------------------------
