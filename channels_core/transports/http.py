@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 
 from channels_core.errors import PermanentDeliveryError, TransientDeliveryError, ValidationError
 from channels_core.secrets import signing_secrets
-from channels_core.settings import get_settings
+from channels_core.settings import Settings, get_settings
 from channels_core.signing import new_secret, signature_headers
 from channels_core.ssrf import EgressBlocked, check_address
 from channels_core.transports.base import EgressTransport, TransportResult, event_data
@@ -177,12 +177,14 @@ class HttpEgress(EgressTransport):
         body = webhook_payload(message, channel)
         results: list[TransportResult | None] = [None] * len(subscribers)
         pending = iter(enumerate(subscribers))
+        # Looked up once per batch, not once per request.
+        client, settings = self._client(), get_settings()
 
         # max_in_flight runners pulling from one iterator: the same bound as a
         # semaphore around a task per subscriber, without the task per subscriber.
         async def runner() -> None:
             for i, subscriber in pending:
-                results[i] = await self._post(message, subscriber, body)
+                results[i] = await self._post(client, settings, message, subscriber, body)
 
         runners = min(len(subscribers), self.at_once())
         if runners == 1:
@@ -191,8 +193,14 @@ class HttpEgress(EgressTransport):
             await asyncio.gather(*(runner() for _ in range(runners)))
         return [r for r in results if r is not None]
 
-    async def _post(self, message: Message, subscriber: Principal, body: bytes) -> TransportResult:
-        settings = get_settings()
+    async def _post(
+        self,
+        client: HttpClient,
+        settings: Settings,
+        message: Message,
+        subscriber: Principal,
+        body: bytes,
+    ) -> TransportResult:
         sid = subscriber.id
         url = subscriber.get_alias("endpoint")
         if not url:
@@ -214,7 +222,7 @@ class HttpEgress(EgressTransport):
         try:
             # The deadline bounds the whole exchange, body included, so a
             # dripping server cannot stretch it; at most the cap is read.
-            response = await self._client().post(
+            response = await client.post(
                 url,
                 headers,
                 body,
