@@ -30,6 +30,13 @@ from producer import AsyncProducer
 
 __all__ = ["World", "Subscribers"]
 
+# A receiver may hear of a delivery after the database records it: the queue
+# consumer reads an envelope some time after the worker published it and
+# wrote its row (a batch's 50 envelopes took it over 100 ms on a loaded
+# machine). Reconciling waits this long for the receivers to catch up; what
+# is still unheard then is reported lost.
+RECEIVER_LAG = 5.0
+
 
 @dataclass
 class Subscribers:
@@ -208,9 +215,25 @@ class World:
             time.sleep(0.2)
         return time.monotonic() - since
 
+    def unheard(self) -> int:
+        """Deliveries the database calls delivered that no receiver acknowledged yet."""
+        heard = {r.delivery_id for r in self.receipts() if r.acked}
+        with self.chaos.admin() as conn:
+            rows = conn.execute(
+                "SELECT id FROM deliveries WHERE message_id = ANY(%s) AND status = 'delivered'",
+                (self.accepted.message_ids,),
+            ).fetchall()
+        return sum(1 for (delivery_id,) in rows if delivery_id not in heard)
+
     def reconcile(self, settle_s: float) -> Result:
+        started = time.monotonic()
+        with contextlib.suppress(TimeoutError):
+            self.wait_for(lambda: self.unheard() == 0, RECEIVER_LAG, "receivers catching up")
+        lag = time.monotonic() - started
         result = reconcile(self.chaos, self.scene.name, self.accepted, self.receipts())
         result.settle_s = settle_s
+        if lag >= 0.1:
+            result.notes.append(f"waited {lag:.1f}s for receivers to hear what the database had")
         return result
 
     def close(self) -> None:
