@@ -250,7 +250,9 @@ class FaultySmtp:
     Recipients' local parts name the behaviour: ``ok-*`` accept; ``grey-*``
     get ``451`` at RCPT on the first try; ``reject-*`` always ``550``;
     ``drop-*`` see the connection closed during DATA on the first try.
-    ``busy_first`` connections are greeted with ``421`` and closed.
+    ``busy_first`` connections are greeted with ``421`` and closed. A client
+    that hangs up inside DATA, before the final ``.``, sent no mail: as a
+    real server does, this one discards it (a try, never acknowledged).
     """
 
     def __init__(self, *, busy_first: int = 0) -> None:
@@ -314,10 +316,14 @@ class FaultySmtp:
                         continue
                     await reply("354 go ahead")
                     data = bytearray()
-                    while True:
-                        chunk = await asyncio.wait_for(reader.readline(), 30)
-                        if not chunk or chunk == b".\r\n":
-                            break
+                    while (chunk := await asyncio.wait_for(reader.readline(), 30)) != b".\r\n":
+                        if not chunk:
+                            # Gone before the final dot (its worker killed, or its send
+                            # interrupted after the 354): a real server discards what
+                            # came. Taken as a mail, an empty one was an acknowledged
+                            # receipt of no delivery, a stranger to the ledger.
+                            self._unfinished(rcpts, bytes(data))
+                            return
                         data += chunk
                     if await self._data(rcpts, bytes(data)):
                         await reply("250 queued")
@@ -347,15 +353,25 @@ class FaultySmtp:
             return "451 4.7.1 greylisted, try again"
         return "250 OK"
 
-    async def _data(self, rcpts: list[str], data: bytes) -> bool:
+    @staticmethod
+    def _ids(data: bytes) -> tuple[int | None, int | None]:
+        """(delivery id, message id) a mail's headers carry."""
         from email import message_from_bytes
 
         mail = message_from_bytes(data)
-        dlv = _delivery_id(mail.get("Message-ID"))
         try:
             message_id: int | None = int(mail.get("X-Channels-Message-Id", ""))
         except ValueError:
             message_id = None
+        return _delivery_id(mail.get("Message-ID")), message_id
+
+    def _unfinished(self, rcpts: list[str], data: bytes) -> None:
+        dlv, message_id = self._ids(data)
+        with self._lock:
+            self.receipts.append(Receipt("smtp", dlv, message_id, rcpts[0], False, time.time()))
+
+    async def _data(self, rcpts: list[str], data: bytes) -> bool:
+        dlv, message_id = self._ids(data)
         address = rcpts[0]
         with self._lock:
             self._tries[f"data:{address}:{dlv}"] += 1
