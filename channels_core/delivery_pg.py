@@ -41,6 +41,7 @@ from sqlalchemy import (
 from sqlalchemy import cast as sql_cast
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import aggregate_order_by
+from sqlalchemy.exc import DBAPIError
 
 from channels_core import db
 from channels_core.models import (
@@ -162,6 +163,29 @@ async def route_page(
     return row[0], row[1], row[2], list(row[3])
 
 
+# A claim and a record, or two records, can lock the same delivery rows in
+# opposite orders: a record locks the rows its batch holds, then those another
+# worker took over (their tries are counted too), while a claim of a batch the
+# sweeper re-enqueued locks them in id order. PostgreSQL breaks the cycle by
+# aborting one statement, whose effects go with it; that one runs again.
+_DEADLOCK = "40P01"
+_DEADLOCK_TRIES = 3
+
+
+async def _locking(statement: Executable, params: dict[str, Any]) -> list[Any]:
+    """Run a statement that locks delivery rows, again if a deadlock aborted it;
+    its rows, if it returns any."""
+    for tries_left in reversed(range(_DEADLOCK_TRIES)):
+        try:
+            async with db.autocommit() as conn:
+                result = await conn.execute(statement, params)
+                return list(result.all()) if result.returns_rows else []
+        except DBAPIError as exc:
+            if not tries_left or getattr(exc.orig, "sqlstate", None) != _DEADLOCK:
+                raise
+    raise AssertionError("unreachable")
+
+
 def claim_update(ids: Any, claimant: Any, now: Any, due: Any, until: Any) -> Update:
     """The UPDATE that claims deliveries matched by ``ids`` (a where-clause)
     that are not final, due by ``due``, and free or already ``claimant``'s.
@@ -229,8 +253,7 @@ async def claim(
         "due": now + timedelta(seconds=1),
         "until": until,
     }
-    async with db.autocommit() as conn:
-        rows = (await conn.execute(_claim_statement(), params)).all()
+    rows = await _locking(_claim_statement(), params)
     claimed = []
     principals: dict[int, Principal] = {}
     # As plain tuples: reading a result row's columns by name took 13 µs a
@@ -380,5 +403,4 @@ async def record(params: dict[str, Any]) -> None:
     """Write the new states of the deliveries the claimant still holds, count
     every try on its delivery, and write the attempt rows, in one statement
     (``record_params`` makes ``params``)."""
-    async with db.autocommit() as conn:
-        await conn.execute(_record_statement("resolved" in params), params)
+    await _locking(_record_statement("resolved" in params), params)

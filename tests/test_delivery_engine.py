@@ -776,8 +776,7 @@ async def test_a_manual_retry_does_not_break_the_claim_of_a_running_batch(
         await deliveries.retry(delivery_id)
     stolen = await delivery.deliver(batch, claimant="b")
 
-    # Two copies in flight would also write two attempt rows with one number:
-    # the unique (delivery_id, attempt) drops one of them.
+    # Two copies in flight would also send it twice.
     assert stolen.claimed == 0
     assert memory.sent == []
 
@@ -864,6 +863,59 @@ def _numbered(sql: str) -> str:
     return re.sub(r"%\((\w+)\)s", lambda m: f"${numbers.setdefault(m[1], len(numbers) + 1)}", sql)
 
 
+def _delivered_record(ids: Any, claimant: str, now: datetime) -> dict[str, Any]:
+    """The record statement's parameters for ``ids`` all delivered with 200."""
+    from channels_core import delivery_pg
+
+    attempts = [
+        {"delivery_id": i, "status": "delivered", "status_code": 200, "error": None}
+        | {"latency_ms": 1.0}
+        for i in ids
+    ]
+    states = [
+        {"id": i, "status": DeliveryStatus.DELIVERED, "last_status_code": 200}
+        | {"last_error": None, "next_attempt_at": None, "queued_until": None}
+        for i in ids
+    ]
+    return delivery_pg.record_params(attempts, states, "memory", None, now, now, claimant)
+
+
+async def test_a_stale_record_and_a_claim_locking_in_opposite_orders_both_complete(
+    dispatcher: MemoryDispatcher,
+) -> None:
+    """Batch "a" outlived its lease: it still holds q, and "b" (whose lease ran
+    out too) took p. While "a" records both tries, "c", re-enqueued by the
+    sweeper, claims both. The record locks q, then p; the claim p, then q.
+    PostgreSQL aborts one of the two; it runs again, and neither is lost."""
+    if not db.is_postgres():
+        pytest.skip("row locks and deadlocks are PostgreSQL's")
+    from channels_core import delivery_pg
+
+    message, _, [p, q], _ = await routed(dispatcher, 2)
+    past = utcnow() - timedelta(seconds=5)
+    await set_deliveries([p], claimed_by="b", claimed_until=past, next_attempt_at=past)
+    await set_deliveries([q], claimed_by="a", claimed_until=past, next_attempt_at=past)
+    now = utcnow()
+    params = _delivered_record((p, q), "a", now)
+    async with db.session() as s, s.begin():
+        # Hold q so that the record stops between its two locks.
+        await s.execute(
+            select(DeliveryRow.id).where(DeliveryRow.id == q).with_for_update(key_share=False)
+        )
+        recording = asyncio.ensure_future(delivery_pg.record(params))
+        await asyncio.sleep(0.3)
+        claiming = asyncio.ensure_future(delivery_pg.claim([p, q], "c", utcnow(), 300))
+        await asyncio.sleep(0.3)
+    await asyncio.wait_for(asyncio.gather(recording, claiming), timeout=30)
+
+    by_id = {r.id: r for r in await delivery_rows(message.id)}  # type: ignore[arg-type]
+    assert sorted((a.delivery_id, a.attempt) for a in await attempt_rows(p, q)) == [(p, 1), (q, 1)]
+    # Each try counted once; "c" holds whatever the record did not finish.
+    assert (by_id[p].attempts, by_id[q].attempts) == (1, 1)
+    assert by_id[p].claimed_by == "c" and by_id[p].status == DeliveryStatus.PENDING
+    assert by_id[q].status == DeliveryStatus.DELIVERED or by_id[q].claimed_by == "c"
+
+
 def _cte_plan(plan: str, name: str) -> str:
     """The lines of an EXPLAIN under ``CTE name``."""
     lines = plan.splitlines()
@@ -909,29 +961,8 @@ async def test_recording_a_batch_looks_for_deliveries_taken_over_by_index(
             )
         )
     now = utcnow()
-    attempts = [
-        {
-            "delivery_id": i,
-            "status": "delivered",
-            "status_code": 200,
-            "error": None,
-            "latency_ms": 1.0,
-        }
-        for i in ids
-    ]
-    states = [
-        {
-            "id": i,
-            "status": DeliveryStatus.DELIVERED,
-            "last_status_code": 200,
-            "last_error": None,
-            "next_attempt_at": None,
-            "queued_until": None,
-        }
-        for i in ids
-    ]
     statement = delivery_pg._record_statement(False)
-    params = delivery_pg.record_params(attempts, states, "memory", None, now, now, "plan")
+    params = _delivered_record(ids, "plan", now)
     async with db.autocommit() as conn:
         await conn.exec_driver_sql("ANALYZE deliveries")
         compiled = statement.compile(dialect=conn.dialect)
