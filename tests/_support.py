@@ -17,6 +17,7 @@ from channels_core.settings import Settings, configure, get_settings
 from channels_core.transports.registry import TransportRegistry
 
 __all__ = [
+    "new_principals",
     "table_counts",
     "snapshot",
     "unchanged",
@@ -24,6 +25,15 @@ __all__ = [
     "principal_with",
     "registry_state",
 ]
+
+
+def new_principals(n: int) -> str:
+    """SQL opening ``WITH p AS (...)``: ``n`` new bot principals, their ids in
+    ``p``, for a statement that fills a large table in one go."""
+    return (
+        "WITH p AS (INSERT INTO principals (kind, aliases, active, created_at)"
+        f" SELECT 'bot', '{{}}', true, now() FROM generate_series(1, {int(n)}) RETURNING id)"
+    )
 
 
 async def table_counts() -> dict[str, int]:

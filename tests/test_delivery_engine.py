@@ -21,7 +21,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from _support import unchanged
+from _support import new_principals, unchanged
 from sqlalchemy import insert, select, text, update
 
 from channels_cli.devservers import WebhookReceiver
@@ -946,9 +946,8 @@ async def test_recording_a_batch_looks_for_deliveries_taken_over_by_index(
     async with db.session() as s, s.begin():
         await s.execute(
             text(
-                "WITH p AS (INSERT INTO principals (kind, aliases, active, created_at)"
-                " SELECT 'bot', '{}', true, now() FROM generate_series(1, 20000) RETURNING id)"
-                " INSERT INTO deliveries (message_id, channel_id, subscriber_id, transport,"
+                new_principals(20000)
+                + " INSERT INTO deliveries (message_id, channel_id, subscriber_id, transport,"
                 " status, attempts, retry_base, claims, claimed_by, created_at, updated_at)"
                 " SELECT :message, :channel, id, 'memory', 'pending', 0, 0, 1, 'plan', now(), now()"
                 " FROM p"

@@ -6,7 +6,7 @@ missing link anywhere in a batch is refused by name with nothing written."""
 from __future__ import annotations
 
 import pytest
-from _support import principal_with, unchanged
+from _support import new_principals, principal_with, unchanged
 from sqlalchemy import select, text
 
 from channels_core import db
@@ -262,9 +262,8 @@ async def test_a_small_channel_is_counted_by_its_index_beside_a_large_one(databa
     async with db.session() as s, s.begin():
         await s.execute(
             text(
-                "WITH p AS (INSERT INTO principals (kind, aliases, active, created_at)"
-                " SELECT 'bot', '{}', true, now() FROM generate_series(1, 20003) RETURNING id)"
-                " INSERT INTO subscriptions (channel_id, subscriber_id, created_at)"
+                new_principals(20003)
+                + " INSERT INTO subscriptions (channel_id, subscriber_id, created_at)"
                 " SELECT CASE WHEN row_number() OVER () <= 3 THEN :small ELSE :large END,"
                 " id, now() FROM p"
             ),
